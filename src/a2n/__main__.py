@@ -1,0 +1,5 @@
+import sys
+
+from a2n.cli import main
+
+sys.exit(main())

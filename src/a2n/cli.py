@@ -1,0 +1,146 @@
+"""The `a2n` command line: info, degrade, evaluate (and the commands of later modules)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import NoReturn, Sequence
+
+from a2n import A2NError, __version__
+
+
+class UserError(A2NError):
+    """A problem the user can fix; printed as one line, without a traceback."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from a2n.model import A2N, count_macs, count_parameters
+
+    model = A2N(scale=args.scale, variant=args.variant)
+    h, w = 720 // args.scale, 1280 // args.scale
+    print(f"A2N variant {args.variant}, x{args.scale}")
+    print(f"parameters: {count_parameters(model):,}")
+    print(f"multiply-adds for a 1280x720 output ({w}x{h} input): {count_macs(model, h, w) / 1e9:.1f} G")
+
+
+def cmd_degrade(args: argparse.Namespace) -> None:
+    from a2n import io
+    from a2n.resize import imresize, modcrop
+
+    files = io.list_images(_existing_dir(args.hr_dir))
+    if not files:
+        raise UserError(f"{args.hr_dir}: no images found (PNG, JPEG, WebP, TIFF, BMP)")
+    out = Path(args.out_dir)
+    for path in files:
+        img = io.open_image(path)
+        arr = io.read_rgb8(path)
+        if img.mode in ("L", "I;16", "I"):
+            arr = arr[..., 0]
+        target = out / f"{path.stem}x{args.scale}.png"
+        if target.exists() and not args.overwrite:
+            raise UserError(f"{target}: already exists; pass --overwrite to replace it")
+        io.write_png(target, imresize(modcrop(arr, args.scale), 1.0 / args.scale))
+    print(f"wrote {len(files)} LR images to {out}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from a2n.evaluation import evaluate_folder, format_table
+    from a2n.weights import build_model
+
+    for d in args.data:
+        _existing_dir(d)
+    model = None
+    if not args.bicubic_only:
+        model = build_model(args.scale, args.variant, args.weights)
+        if args.weights is None:
+            print(f"using the shipped {args.variant} x{args.scale} weights", file=sys.stderr)
+    results = []
+    for d in args.data:
+        results += evaluate_folder(d, args.scale, model, save_images=args.save_images)
+    print(format_table(results))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"results": [r.to_dict() for r in results]}, indent=1))
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from a2n.training import load_config, train
+
+    if args.config is None and not args.overrides:
+        raise UserError("give --config FILE (see configs/) and/or key=value overrides")
+    train(load_config(args.config, args.overrides), resume=args.resume)
+
+
+def cmd_plot(args: argparse.Namespace) -> None:
+    from a2n.training import plot_curves
+
+    print(plot_curves(args.run_dir, args.output or Path(args.run_dir) / "curves.png"))
+
+
+def _existing_dir(path: str) -> Path:
+    p = Path(path)
+    if not p.is_dir():
+        raise UserError(f"{path}: no such folder")
+    return p
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="a2n", description="A2N image super-resolution (Attention in Attention Network).")
+    parser.add_argument("--version", action="version", version=f"a2n {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    p = sub.add_parser("info", help="parameter count and multiply-adds")
+    p.add_argument("--scale", type=int, choices=(2, 3, 4), default=4)
+    p.add_argument("--variant", choices=("a2n", "a2n-m", "additive"), default="a2n")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("degrade", help="make MATLAB-bicubic LR images <name>x<S>.png from HR images")
+    p.add_argument("hr_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--scale", type=int, required=True, choices=range(2, 9), metavar="{2..8}")
+    p.add_argument("--overwrite", action="store_true", help="replace existing LR files")
+    p.set_defaults(func=cmd_degrade)
+
+    p = sub.add_parser("evaluate", help="PSNR/SSIM (Y channel, MATLAB conventions) on benchmark folders")
+    p.add_argument("--data", action="append", required=True, metavar="DIR", help="folder with HR/ and LR_bicubic/X<S>/ (repeatable)")
+    p.add_argument("--scale", type=int, choices=(2, 3, 4), required=True)
+    p.add_argument("--weights", help="weights file (.safetensors, .pt, .pth); default: the shipped weights")
+    p.add_argument("--variant", choices=("a2n", "a2n-m", "additive"), default="a2n")
+    p.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    p.add_argument("--save-images", metavar="DIR", help="write the super-resolved images here")
+    p.add_argument("--bicubic-only", action="store_true", help="score only the bicubic baseline")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("train", help="train A2N from a YAML config (torchrun for data-parallel)")
+    p.add_argument("--config", metavar="FILE", help="YAML config, e.g. configs/a2n_x2.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="override config entries")
+    p.add_argument("--resume", action="store_true", help="continue exactly from <out_dir>/last.pt")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("plot", help="draw loss and validation-PSNR curves of a training run to PNG")
+    p.add_argument("run_dir")
+    p.add_argument("-o", "--output", metavar="PNG", help="default: <run_dir>/curves.png")
+    p.set_defaults(func=cmd_plot)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except A2NError as exc:
+        print(f"a2n {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"a2n {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,212 @@
+"""A2N: Attention in Attention Network (Chen, Gu, Zhang, arXiv 2104.09497).
+
+Module names follow the authors' official code so that their checkpoints load with strict key
+matching. The network always takes and returns images in 0..1; ``pixel_range`` scales around the
+trunk for weights that were trained on 0..255 (the official ones).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Variant = Literal["a2n", "a2n-m", "additive"]
+VARIANTS: tuple[str, ...] = ("a2n", "a2n-m", "additive")
+SCALES: tuple[int, ...] = (2, 3, 4)
+
+
+class BranchWeights(nn.Module):
+    """Softmax with temperature over the ADM logits: returns (pi_attn, pi_non_attn) per image.
+
+    Setting ``force_attn`` to a number fixes pi_attn to it (and pi_non_attn to 1 - it): the
+    paper's attention dropout. Forward hooks on this module read the weights.
+    """
+
+    def __init__(self, temperature: float = 30.0) -> None:
+        super().__init__()
+        self.temperature = temperature
+        self.force_attn: float | None = None
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        pi = F.softmax(logits / self.temperature, dim=1)
+        if self.force_attn is not None:
+            attn = torch.full_like(pi[:, :1], float(self.force_attn))
+            pi = torch.cat([attn, 1.0 - attn], dim=1)
+        return pi
+
+
+class AttentionBranch(nn.Module):
+    """Official attention branch: k4(k3(x) * sigmoid(k2(lrelu(k1(x)))))."""
+
+    def __init__(self, nf: int) -> None:
+        super().__init__()
+        self.k1 = nn.Conv2d(nf, nf, 3, padding=1, bias=False)
+        self.lrelu = nn.LeakyReLU(0.2, inplace=True)
+        self.k2 = nn.Conv2d(nf, nf, 1)
+        self.sigmoid = nn.Sigmoid()  # forward hooks here read the attention mask
+        self.k3 = nn.Conv2d(nf, nf, 3, padding=1, bias=False)
+        self.k4 = nn.Conv2d(nf, nf, 3, padding=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = self.sigmoid(self.k2(self.lrelu(self.k1(x))))
+        return self.k4(self.k3(x) * mask)
+
+
+class AdditiveAttentionBranch(nn.Module):
+    """The seed article's branch: conv_attention(attention1(x) + sigmoid(attention2(x)))."""
+
+    def __init__(self, nf: int) -> None:
+        super().__init__()
+        self.attention1 = nn.Conv2d(nf, nf, 3, padding=1, bias=False)
+        self.attention2 = nn.Sequential(
+            nn.Conv2d(nf, nf, 3, padding=1, bias=False),
+            nn.Conv2d(nf, nf, 1, bias=False),
+        )
+        self.sigmoid = nn.Sigmoid()  # forward hooks here read the attention mask
+        self.conv_attention = nn.Conv2d(nf, nf, 3, padding=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv_attention(self.attention1(x) + self.sigmoid(self.attention2(x)))
+
+
+class AAB(nn.Module):
+    """Attention in Attention Block: an attention and a non-attention branch mixed by the ADM."""
+
+    def __init__(self, nf: int, variant: Variant = "a2n", reduction: int = 4, temperature: float = 30.0) -> None:
+        super().__init__()
+        self.conv_first = nn.Conv2d(nf, nf, 1, bias=False)
+        self.conv_last = nn.Conv2d(nf, nf, 1, bias=False)
+        self.lrelu = nn.LeakyReLU(0.2, inplace=True)
+        self.ADM = nn.Sequential(
+            nn.Linear(nf, nf // reduction, bias=False),
+            nn.ReLU(inplace=True),
+            nn.Linear(nf // reduction, 2, bias=False),
+        )
+        self.branch_weights = BranchWeights(temperature)
+        self.attention: nn.Module = AdditiveAttentionBranch(nf) if variant == "additive" else AttentionBranch(nf)
+        kernel = 1 if variant == "a2n-m" else 3
+        self.non_attention = nn.Conv2d(nf, nf, kernel, padding=kernel // 2, bias=False)
+
+    def entry(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's pointwise first step; its spatial mean drives the ADM."""
+        return self.lrelu(self.conv_first(x))
+
+    def mix(self, x: torch.Tensor, y: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        """The rest of the block, given its input x, y = entry(x) and the spatial mean of y."""
+        pi = self.branch_weights(self.ADM(pooled))
+        n = pi.shape[0]
+        out = self.attention(y) * pi[:, 0].view(n, 1, 1, 1) + self.non_attention(y) * pi[:, 1].view(n, 1, 1, 1)
+        return self.conv_last(self.lrelu(out)) + x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.entry(x)
+        return self.mix(x, y, y.mean(dim=(2, 3)))
+
+
+class PA(nn.Module):
+    """Pixel attention of the reconstruction stage: x * sigmoid(conv1x1(x))."""
+
+    def __init__(self, nf: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(nf, nf, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(self.conv(x))
+
+
+class A2N(nn.Module):
+    """The full network: shallow conv, 16 AABs, trunk conv, nearest-upsampling reconstruction."""
+
+    def __init__(
+        self,
+        scale: int = 4,
+        variant: Variant = "a2n",
+        nf: int = 40,
+        unf: int = 24,
+        nb: int = 16,
+        in_nc: int = 3,
+        out_nc: int = 3,
+        pixel_range: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if scale not in SCALES:
+            raise ValueError(f"scale must be one of {SCALES}, got {scale}")
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        self.scale = scale
+        self.variant = variant
+        self.pixel_range = pixel_range
+        self.conv_first = nn.Conv2d(in_nc, nf, 3, padding=1)
+        self.AAB_trunk = nn.Sequential(*[AAB(nf, variant) for _ in range(nb)])
+        self.trunk_conv = nn.Conv2d(nf, nf, 3, padding=1)
+        self.upconv1 = nn.Conv2d(nf, unf, 3, padding=1)
+        self.att1 = PA(unf)
+        self.HRconv1 = nn.Conv2d(unf, unf, 3, padding=1)
+        if scale == 4:
+            self.upconv2 = nn.Conv2d(unf, unf, 3, padding=1)
+            self.att2 = PA(unf)
+            self.HRconv2 = nn.Conv2d(unf, unf, 3, padding=1)
+        self.conv_last = nn.Conv2d(unf, out_nc, 3, padding=1)
+        self.lrelu = nn.LeakyReLU(0.2, inplace=True)
+
+    @property
+    def blocks(self) -> list[AAB]:
+        return list(self.AAB_trunk)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Shallow features of an image in 0..1."""
+        return self.conv_first(x * self.pixel_range if self.pixel_range != 1.0 else x)
+
+    def reconstruct(self, fea: torch.Tensor) -> torch.Tensor:
+        """Trunk features (after the global skip) to the residual image, in the model's range."""
+        if self.scale == 4:
+            fea = self.upconv1(F.interpolate(fea, scale_factor=2, mode="nearest"))
+            fea = self.lrelu(self.att1(fea))
+            fea = self.lrelu(self.HRconv1(fea))
+            fea = self.upconv2(F.interpolate(fea, scale_factor=2, mode="nearest"))
+            fea = self.lrelu(self.att2(fea))
+            fea = self.lrelu(self.HRconv2(fea))
+        else:
+            fea = self.upconv1(F.interpolate(fea, scale_factor=self.scale, mode="nearest"))
+            fea = self.lrelu(self.att1(fea))
+            fea = self.lrelu(self.HRconv1(fea))
+        return self.conv_last(fea)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fea = self.head(x)
+        fea = fea + self.trunk_conv(self.AAB_trunk(fea))
+        out = self.reconstruct(fea)
+        if self.pixel_range != 1.0:
+            out = out / self.pixel_range
+        return out + F.interpolate(x, scale_factor=self.scale, mode="bilinear", align_corners=False)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_macs(model: nn.Module, height: int, width: int) -> int:
+    """Multiply-accumulates of convolutions and linear layers for one LR image of this size."""
+    total = 0
+
+    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(module, nn.Conv2d):
+            k = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
+            total += output.numel() * k
+        elif isinstance(module, nn.Linear):
+            total += output.numel() * module.in_features
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        with torch.no_grad():
+            p = next(model.parameters())
+            model(torch.zeros(1, 3, height, width, dtype=p.dtype, device=p.device))
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+

@@ -1,0 +1,162 @@
+"""Reading and writing A2N weights: official checkpoints (.pt/.pth) and our safetensors files.
+
+Foreign formats are converted here, at the edge, so the model never knows about them.
+"""
+
+from __future__ import annotations
+
+from a2n import A2NError
+
+import json
+import os
+import re
+import tempfile
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from a2n.model import A2N
+
+WRAPPER_KEYS = ("params_ema", "params", "state_dict", "model", "model_state_dict", "net")
+
+
+class WeightsError(A2NError):
+    """A weights file that cannot be read or does not fit the requested model."""
+
+
+def shipped_weights_path(scale: int, variant: str = "a2n") -> Path | None:
+    """The weights this package ships for (scale, variant), or None when there are none."""
+    path = Path(str(resources.files("a2n"))) / "pretrained" / f"{variant}_x{scale}.safetensors"
+    return path if path.is_file() else None
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The state dict and metadata in a file; unwraps training wrappers and a `module.` prefix."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such weights file")
+    if path.stat().st_size == 0:
+        raise WeightsError(f"{path}: the file is empty; download or copy it again")
+    metadata: dict[str, str] = {}
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = dict(f.metadata() or {})
+            state = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise WeightsError(f"{path}: not a readable safetensors file ({exc}); it may be truncated") from exc
+    else:
+        try:
+            obj: Any = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises several types for truncated or foreign files
+            raise WeightsError(
+                f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
+                "it may be truncated or not a checkpoint"
+            ) from exc
+        state = _unwrap(obj, path)
+    return _strip_prefix(state), metadata
+
+
+def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    for _ in range(3):
+        if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return obj
+        if isinstance(obj, dict):
+            inner = next((obj[k] for k in WRAPPER_KEYS if k in obj and isinstance(obj[k], dict)), None)
+            if inner is not None:
+                obj = inner
+                continue
+        break
+    raise WeightsError(
+        f"{path}: no state dict found (expected a dict of tensors, or one under {', '.join(WRAPPER_KEYS)})"
+    )
+
+
+def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    for prefix in ("module.", "_orig_mod."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def describe(state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """What a state dict itself tells: x4 or not, and the variant."""
+    variant = "a2n"
+    if any(".attention.attention1." in k for k in state):
+        variant = "additive"
+    elif state.get("AAB_trunk.0.non_attention.weight") is not None and state["AAB_trunk.0.non_attention.weight"].shape[-1] == 1:
+        variant = "a2n-m"
+    return {"x4": "upconv2.weight" in state, "variant": variant}
+
+
+def scale_hint(path: Path, metadata: dict[str, str]) -> int | None:
+    """The scale a file declares in its metadata, or in its name (e.g. aan_x3.pt)."""
+    if "scale" in metadata:
+        return int(metadata["scale"])
+    m = re.search(r"(?:^|[^a-z0-9])x([234])(?:[^0-9]|$)", path.stem.lower())
+    return int(m.group(1)) if m else None
+
+
+def load_weights(model: A2N, path: str | os.PathLike) -> dict[str, str]:
+    """Load a weights file into the model strictly; returns the file's metadata.
+
+    Official checkpoints (no metadata) work on 0..255, so the model's pixel_range becomes 255.
+    """
+    path = Path(path)
+    state, metadata = read_checkpoint(path)
+    info = describe(state)
+    wanted = f"x{model.scale} {model.variant}"
+    if info["variant"] != model.variant:
+        raise WeightsError(f"{path}: holds {info['variant']} weights but {wanted} was requested; pass --variant {info['variant']}")
+    if info["x4"] != (model.scale == 4):
+        have = "x4" if info["x4"] else "x2 or x3"
+        raise WeightsError(f"{path}: holds {have} weights but {wanted} was requested; pass the matching --scale")
+    hint = scale_hint(path, metadata)
+    if hint is not None and hint != model.scale:
+        raise WeightsError(f"{path}: holds x{hint} weights but {wanted} was requested; pass --scale {hint}")
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong_shape = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if k in own and v.shape != own[k].shape]
+    if missing or unexpected or wrong_shape:
+        parts = [f"{len(items)} {what} (e.g. {items[0]})" for what, items in
+                 (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", wrong_shape)) if items]
+        raise WeightsError(f"{path}: does not fit {wanted}: " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)
+    model.pixel_range = float(metadata.get("pixel_range", 255.0 if not metadata else 1.0))
+    return metadata
+
+
+def save_weights(model: A2N, path: str | os.PathLike, **metadata: Any) -> None:
+    """Write the model as safetensors with metadata (scale, variant, pixel range, recipe), atomically."""
+    path = Path(path)
+    meta = {"format": "a2n", "scale": str(model.scale), "variant": model.variant, "pixel_range": str(model.pixel_range)}
+    meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(state, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def build_model(scale: int, variant: str = "a2n", weights: str | os.PathLike | None = None) -> A2N:
+    """A model for (scale, variant) with the given weights, or the shipped ones when None.
+
+    Raises WeightsError when no weights are given and none are shipped for this combination.
+    """
+    model = A2N(scale=scale, variant=variant)  # type: ignore[arg-type]
+    if weights is None:
+        weights = shipped_weights_path(scale, variant)
+        if weights is None:
+            raise WeightsError(f"no shipped weights for {variant} x{scale}; pass --weights FILE")
+    load_weights(model, weights)
+    return model.eval()
