@@ -7,6 +7,7 @@ trunk for weights that were trained on 0..255 (the official ones).
 
 from __future__ import annotations
 
+import copy
 from typing import Literal
 
 import torch
@@ -200,13 +201,11 @@ def count_macs(model: nn.Module, height: int, width: int) -> int:
         elif isinstance(module, nn.Linear):
             total += output.numel() * module.in_features
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    try:
-        with torch.no_grad():
-            p = next(model.parameters())
-            model(torch.zeros(1, 3, height, width, dtype=p.dtype, device=p.device))
-    finally:
-        for h in handles:
-            h.remove()
+    shadow = copy.deepcopy(model).to("meta")  # shapes only: no memory, no arithmetic
+    for m in shadow.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            m.register_forward_hook(hook)
+    with torch.no_grad():
+        shadow(torch.zeros(1, 3, height, width, device="meta"))
     return total
 

@@ -1,0 +1,493 @@
+"""Attention analysis of A2N as in the paper: heatmaps, high-pass correlation, attention dropout,
+branch weights, and Local Attribution Maps (Gu and Dong, CVPR 2021).
+
+The functions here return numbers; the ``plot_*`` functions draw them with matplotlib (Agg).
+Blocks are numbered from 1 in every table and figure, as in the paper.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import math
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import torch
+from scipy.ndimage import gaussian_filter
+from scipy.stats import spearmanr
+from torch import nn
+
+from a2n import A2NError, metrics
+from a2n.evaluation import benchmark_pairs
+from a2n.inference import to_tensor, to_uint8, upscale_uint8
+from a2n.model import A2N
+
+HIGHPASS_SIGMA = 1.0
+LAM_SIGMA = 5.0
+LAM_STEPS = 50
+
+Pair = tuple[str, np.ndarray, np.ndarray]
+
+
+class AnalysisError(A2NError):
+    """Analysis input that cannot be used: a bad folder, window, channel or option."""
+
+
+@dataclass
+class BlockTrace:
+    """What one block saw and produced for one image: its input, attention mask and pi_attn."""
+
+    input: np.ndarray
+    mask: np.ndarray
+    pi_attn: float
+
+
+# ---------------------------------------------------------------- data and switches
+
+
+def load_pairs(data_dir: str | os.PathLike, scale: int, limit: int | None = None) -> list[Pair]:
+    """(name, HR, LR) uint8 images of a benchmark folder (HR/ and LR_bicubic/X<s>/), the first `limit`."""
+    path = Path(data_dir)
+    if not path.is_dir():
+        raise AnalysisError(f"{path}: no such folder; pass a benchmark folder holding HR/ and LR_bicubic/X{scale}/")
+    if limit is not None and limit < 1:
+        raise AnalysisError(f"--limit must be at least 1, got {limit}")
+    return list(itertools.islice(benchmark_pairs(path, scale), limit))
+
+
+@contextmanager
+def forced_attention(model: A2N, blocks: Iterable[int], value: float) -> Iterator[None]:
+    """Fix pi_attn of the given blocks (0-based) to `value` inside the block (attention dropout); always restores."""
+    chosen = [model.blocks[i].branch_weights for i in blocks]
+    saved = [b.force_attn for b in chosen]
+    try:
+        for b in chosen:
+            b.force_attn = float(value)
+        yield
+    finally:
+        for b, old in zip(chosen, saved):
+            b.force_attn = old
+
+
+def trace_blocks(model: A2N, lr: np.ndarray) -> tuple[np.ndarray, list[BlockTrace]]:
+    """The SR output (uint8) and, per block, its input features, attention mask (C x H x W) and pi_attn."""
+    seen: dict[str, dict[int, Any]] = {"input": {}, "mask": {}, "pi": {}}
+    handles = []
+    for i, block in enumerate(model.blocks):
+        handles.append(block.register_forward_pre_hook(lambda m, inp, i=i: seen["input"].__setitem__(i, inp[0])))
+        handles.append(block.attention.sigmoid.register_forward_hook(lambda m, inp, out, i=i: seen["mask"].__setitem__(i, out)))
+        handles.append(block.branch_weights.register_forward_hook(lambda m, inp, out, i=i: seen["pi"].__setitem__(i, out)))
+    try:
+        sr = upscale_uint8(model, lr)
+    finally:
+        for h in handles:
+            h.remove()
+    traces = [
+        BlockTrace(_numpy(seen["input"][i]), _numpy(seen["mask"][i]), float(seen["pi"][i][0, 0]))
+        for i in range(len(model.blocks))
+    ]
+    return sr, traces
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    return t[0].detach().float().cpu().contiguous().numpy()
+
+
+# ---------------------------------------------------------------- 1. heatmaps
+
+
+def heatmap(model: A2N, lr: np.ndarray, channel: int | None = None) -> dict[str, Any]:
+    """Per block: the mask (mean over channels, or one channel), the block input's channel mean, and stats."""
+    _, traces = trace_blocks(model, lr)
+    n_channels = traces[0].mask.shape[0]
+    if channel is not None and not 0 <= channel < n_channels:
+        raise AnalysisError(f"--channel {channel} is out of range; the attention masks have channels 0..{n_channels - 1}")
+    rows = []
+    for i, t in enumerate(traces):
+        per_channel = t.mask.mean(axis=(1, 2))
+        rows.append({
+            "block": i + 1,
+            "mask_mean": float(t.mask.mean()),
+            "mask_std": float(t.mask.std()),
+            "pi_attn": t.pi_attn,
+            "most_enhanced_channel": int(per_channel.argmax()),
+            "most_suppressed_channel": int(per_channel.argmin()),
+            "highpass_corr": highpass_correlation(t.input, t.mask),
+        })
+    means = [r["mask_mean"] for r in rows]
+    return {
+        "input": lr,
+        "masks": [t.mask.mean(axis=0) if channel is None else t.mask[channel] for t in traces],
+        "features": [t.input.mean(axis=0) for t in traces],
+        "channel": channel,
+        "rows": rows,
+        "most_enhanced_block": int(np.argmax(means)) + 1,
+        "most_suppressed_block": int(np.argmin(means)) + 1,
+    }
+
+
+# ---------------------------------------------------------------- 2. high-pass correlation
+
+
+def highpass(x: np.ndarray, sigma: float = HIGHPASS_SIGMA) -> np.ndarray:
+    """x minus its Gaussian blur over the last two (spatial) axes: the high-frequency part."""
+    x = np.asarray(x, dtype=np.float64)
+    return x - gaussian_filter(x, (0,) * (x.ndim - 2) + (sigma, sigma), mode="reflect")
+
+
+def highpass_correlation(block_input: np.ndarray, mask: np.ndarray, sigma: float = HIGHPASS_SIGMA) -> float:
+    """Pearson r between the channel-mean mask and the channel-mean |high-pass| of the block input (C x H x W)."""
+    energy = np.abs(highpass(block_input, sigma)).mean(axis=0).ravel()
+    attention = np.asarray(mask, dtype=np.float64).mean(axis=0).ravel()
+    if energy.std() == 0 or attention.std() == 0:
+        return math.nan
+    return float(np.corrcoef(energy, attention)[0, 1])
+
+
+def highpass_study(model: A2N, pairs: list[Pair], sigma: float = HIGHPASS_SIGMA) -> dict[str, Any]:
+    """Per block, the high-pass correlation over a dataset; and whether it rises with depth, as the paper reports."""
+    per_image = []
+    for _, _, lr in pairs:
+        _, traces = trace_blocks(model, lr)
+        per_image.append([highpass_correlation(t.input, t.mask, sigma) for t in traces])
+    corr = np.array(per_image)
+    mean = np.nanmean(corr, axis=0)
+    rows = [
+        {"block": i + 1, "corr_mean": float(mean[i]), "corr_std": float(np.nanstd(corr[:, i])), "images": int(np.isfinite(corr[:, i]).sum())}
+        for i in range(corr.shape[1])
+    ]
+    thirds = np.array_split(mean, 3)
+    rho = float(spearmanr(np.arange(len(mean)), mean).statistic)
+    return {
+        "filter": f"|x - GaussianBlur(x, sigma={sigma})| of the block input, mean over channels",
+        "rows": rows,
+        "images": [name for name, _, _ in pairs],
+        "per_image": corr.tolist(),
+        "early_mean": float(thirds[0].mean()),
+        "late_mean": float(thirds[-1].mean()),
+        "spearman_depth": rho,
+        "rises_with_depth": bool(thirds[-1].mean() > thirds[0].mean() and rho > 0),
+    }
+
+
+# ---------------------------------------------------------------- 3. attention dropout
+
+
+def ablation_configs(n_blocks: int) -> list[tuple[str, list[int], float]]:
+    """(label, 0-based blocks, forced pi_attn): each block, the three thirds and all, at pi_attn 0 and 1."""
+    thirds = [list(map(int, part)) for part in np.array_split(np.arange(n_blocks), 3)]
+    groups = [(f"block {i + 1}", [i]) for i in range(n_blocks)]
+    groups += list(zip(("first third", "middle third", "last third"), thirds)) + [("all", list(range(n_blocks)))]
+    return [(label, blocks, value) for label, blocks in groups for value in (0.0, 1.0)]
+
+
+def _scores(model: A2N, pairs: list[Pair], scale: int) -> tuple[float, float]:
+    sr = [(upscale_uint8(model, lr), hr) for _, hr, lr in pairs]
+    return (float(np.mean([metrics.psnr(s, h, shave=scale) for s, h in sr])),
+            float(np.mean([metrics.ssim(s, h, shave=scale) for s, h in sr])))
+
+
+def ablation(model: A2N, pairs: list[Pair]) -> dict[str, Any]:
+    """PSNR/SSIM (Y, mean over images) with pi_attn forced per block and per group, and their change."""
+    psnr0, ssim0 = _scores(model, pairs, model.scale)
+    rows = [{"config": "unmodified", "blocks": "", "pi_attn": None, "psnr": psnr0, "ssim": ssim0, "d_psnr": 0.0, "d_ssim": 0.0}]
+    for label, blocks, value in ablation_configs(len(model.blocks)):
+        with forced_attention(model, blocks, value):
+            p, s = _scores(model, pairs, model.scale)
+        rows.append({"config": label, "blocks": " ".join(str(b + 1) for b in blocks), "pi_attn": value,
+                     "psnr": p, "ssim": s, "d_psnr": p - psnr0, "d_ssim": s - ssim0})
+    return {"rows": rows, "images": [name for name, _, _ in pairs], "psnr": psnr0, "ssim": ssim0}
+
+
+# ---------------------------------------------------------------- 4. branch weights
+
+
+def branch_weights(model: A2N, pairs: list[Pair]) -> dict[str, Any]:
+    """pi_attn of every block for every image, with its mean and spread per block."""
+    pis: list[list[float]] = []
+    handles = [
+        b.branch_weights.register_forward_hook(lambda m, inp, out, i=i: pis[-1].append((i, float(out[0, 0]))))
+        for i, b in enumerate(model.blocks)
+    ]
+    try:
+        for _, _, lr in pairs:
+            pis.append([])
+            upscale_uint8(model, lr)
+    finally:
+        for h in handles:
+            h.remove()
+    table = np.array([[v for _, v in sorted(image)] for image in pis])
+    rows = [
+        {"block": i + 1, "mean": float(col.mean()), "std": float(col.std()), "min": float(col.min()),
+         "median": float(np.median(col)), "max": float(col.max())}
+        for i, col in enumerate(table.T)
+    ]
+    return {"rows": rows, "images": [name for name, _, _ in pairs], "pi_attn": table.tolist()}
+
+
+# ---------------------------------------------------------------- 5. local attribution maps
+
+
+def parse_window(text: str) -> tuple[int, int, int]:
+    """'X,Y,SIZE' (output pixels: top-left corner and side) to a tuple of ints."""
+    try:
+        x, y, size = (int(v) for v in text.split(","))
+    except ValueError:
+        raise AnalysisError(f"--window {text!r}: expected X,Y,SIZE as three integers, e.g. 100,80,16") from None
+    return x, y, size
+
+
+def gini(values: np.ndarray) -> float:
+    """Gini coefficient of |values|: 0 when spread evenly, near 1 when concentrated in one element."""
+    v = np.sort(np.abs(np.asarray(values, dtype=np.float64)).ravel())
+    total = v.sum()
+    if total == 0:
+        return 0.0
+    rank = np.arange(1, v.size + 1)
+    return float(np.sum((2 * rank - v.size - 1) * v) / (v.size * total))
+
+
+def diffusion_index(attribution_map: np.ndarray) -> float:
+    """LAM's diffusion index on 0..1 (1 - Gini): larger when more input pixels contribute."""
+    return 1.0 - gini(attribution_map)
+
+
+def _window_gradient(out: torch.Tensor, window: tuple[int, int, int]) -> torch.Tensor:
+    """LAM's detector: the summed L1 gradient magnitude of each output inside the window."""
+    x, y, size = window
+    patch = out[:, :, y : y + size, x : x + size]
+    dx = (patch[..., :, 1:] - patch[..., :, :-1]).abs().sum(dim=(1, 2, 3))
+    dy = (patch[..., 1:, :] - patch[..., :-1, :]).abs().sum(dim=(1, 2, 3))
+    return dx + dy
+
+
+def lam(
+    model: nn.Module,
+    image: np.ndarray,
+    window: tuple[int, int, int],
+    sigma: float = LAM_SIGMA,
+    steps: int = LAM_STEPS,
+    batch: int = 10,
+) -> dict[str, Any]:
+    """Local Attribution Map of an output window over an HxWx3 uint8 input.
+
+    Integrates the gradient of the window's gradient magnitude along a progressive-blur path from
+    a Gaussian blur of width `sigma` to the image (`steps` Riemann steps). The attribution has the
+    input's shape; its diffusion index tells how far the model looks.
+    """
+    p = next(model.parameters())
+    image_t = to_tensor(image).to(p.device)
+    with torch.no_grad():
+        out = model(image_t)
+    scale = out.shape[-1] // image_t.shape[-1]
+    x, y, size = window
+    height, width = out.shape[-2:]
+    if size < 2 or x < 0 or y < 0 or x + size > width or y + size > height:
+        raise AnalysisError(
+            f"window {x},{y},{size} does not fit the {width}x{height} output; "
+            f"pick SIZE >= 2, X + SIZE <= {width}, Y + SIZE <= {height}"
+        )
+    base = image.astype(np.float64) / 255.0
+    path = np.stack([gaussian_filter(base, (s, s, 0), mode="reflect") for s in np.linspace(sigma, 0.0, steps + 1)])
+    path_t = torch.from_numpy(path.transpose(0, 3, 1, 2)).float().to(p.device)
+    grads = []
+    for start in range(0, steps, batch):
+        points = path_t[start : min(start + batch, steps)].clone().requires_grad_(True)
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(_window_gradient(model(points), window).sum(), points)
+        grads.append(grad)
+    attribution = (torch.cat(grads) * (path_t[1:] - path_t[:-1])).sum(dim=0)
+    attribution_np = attribution.permute(1, 2, 0).cpu().double().numpy()
+    heat = np.abs(attribution_np).sum(axis=2)
+    return {
+        "input": image,
+        "output": to_uint8(out.cpu()),
+        "scale": scale,
+        "window": window,
+        "attribution": attribution_np,
+        "map": heat,
+        "diffusion_index": diffusion_index(heat),
+        "sigma": sigma,
+        "steps": steps,
+    }
+
+
+# ---------------------------------------------------------------- numbers and figures
+
+
+def write_numbers(out_dir: str | os.PathLike, stem: str, rows: list[dict], summary: dict[str, Any]) -> list[Path]:
+    """Write the table as <stem>.csv and the table plus summary as <stem>.json."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path, json_path = out / f"{stem}.csv", out / f"{stem}.json"
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    json_path.write_text(json.dumps(_finite({"rows": rows, **summary}), indent=1))
+    return [csv_path, json_path]
+
+
+def _finite(obj: Any) -> Any:
+    """NaN and infinities become null, so the JSON is standard."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+    except ImportError:
+        raise AnalysisError("figures need matplotlib; install it with: pip install 'a2n[analysis]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
+def plot_heatmap(result: dict[str, Any], path: str | os.PathLike, title: str = "") -> Path:
+    """Grid of block input (channel mean) and attention mask per block, the extreme blocks framed."""
+    plt = _pyplot()
+    n = len(result["masks"])
+    per_row = 4
+    rows = math.ceil(n / per_row)
+    fig, axes = plt.subplots(rows, 1 + 2 * per_row, figsize=(2 + 2 * per_row * 1.7, rows * 1.9 + 0.8), squeeze=False)
+    for ax in axes.ravel():
+        ax.set_axis_off()
+    axes[0, 0].imshow(result["input"])
+    axes[0, 0].set_title("input (LR)", fontsize=9)
+    lo = float(np.percentile(np.stack(result["masks"]), 1))
+    hi = float(np.percentile(np.stack(result["masks"]), 99))
+    marks = {result["most_enhanced_block"]: ("most enhanced", "red"), result["most_suppressed_block"]: ("most suppressed", "blue")}
+    for i, (feature, mask) in enumerate(zip(result["features"], result["masks"])):
+        ax_f, ax_m = axes[i // per_row, 1 + 2 * (i % per_row)], axes[i // per_row, 2 + 2 * (i % per_row)]
+        scale = float(np.abs(feature).max()) or 1.0
+        im_f = ax_f.imshow(feature / scale, cmap="RdBu_r", vmin=-1, vmax=1)
+        im_m = ax_m.imshow(mask, cmap="inferno", vmin=lo, vmax=hi)
+        ax_f.set_title(f"block {i + 1} input", fontsize=8)
+        label, color = marks.get(i + 1, ("", "black"))
+        ax_m.set_title(f"block {i + 1} mask" + (f"\n{label}" if label else ""), fontsize=8, color=color)
+        if label:
+            ax_m.set_axis_on()
+            ax_m.set_xticks([])
+            ax_m.set_yticks([])
+            for spine in ax_m.spines.values():
+                spine.set_color(color)
+                spine.set_linewidth(3)
+    what = "mean over channels" if result["channel"] is None else f"channel {result['channel']}"
+    fig.colorbar(im_m, ax=axes[:, 1:].ravel().tolist(), fraction=0.015, pad=0.01, label=f"attention mask ({what})")
+    fig.colorbar(im_f, ax=axes[:, 1:].ravel().tolist(), fraction=0.015, pad=0.01, label="block input, channel mean / max |.|")
+    fig.suptitle(title or "Attention masks per block (framed: highest and lowest mean mask)", fontsize=11)
+    return _save(fig, path)
+
+
+def plot_highpass(result: dict[str, Any], path: str | os.PathLike, title: str = "") -> Path:
+    """Bar plot of the mean high-pass correlation per block, with its spread over images."""
+    plt = _pyplot()
+    rows = result["rows"]
+    blocks = [r["block"] for r in rows]
+    mean = np.array([r["corr_mean"] for r in rows])
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.bar(blocks, mean, yerr=[r["corr_std"] for r in rows], capsize=3,
+           color=["tab:red" if m > 0 else "tab:blue" for m in mean], alpha=0.8)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(blocks)
+    ax.set(xlabel="block", ylabel="Pearson r (mask vs high-pass energy)",
+           title=title or "Attention mask vs high-pass of the block input")
+    ax.text(0.01, 0.02, f"filter: {result['filter']}\nSpearman(depth, r) = {result['spearman_depth']:+.2f}; "
+            f"first third {result['early_mean']:+.3f}, last third {result['late_mean']:+.3f}",
+            transform=ax.transAxes, fontsize=7, va="bottom")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_ablation(result: dict[str, Any], path: str | os.PathLike, title: str = "") -> Path:
+    """Change of PSNR and SSIM with pi_attn forced to 0 and to 1, per block and per group."""
+    plt = _pyplot()
+    rows = result["rows"][1:]
+    labels = list(dict.fromkeys(r["config"] for r in rows))
+    singles = [label for label in labels if label.startswith("block ")]
+    groups = [label for label in labels if not label.startswith("block ")]
+    fig, axes = plt.subplots(2, 2, figsize=(12, 6.5), gridspec_kw={"width_ratios": [len(singles), len(groups) + 1]})
+    for row, (key, unit) in enumerate((("d_psnr", "change of PSNR (dB)"), ("d_ssim", "change of SSIM"))):
+        for col, names in enumerate((singles, groups)):
+            ax = axes[row, col]
+            x = np.arange(len(names))
+            for offset, value, color, name in ((-0.2, 0.0, "tab:blue", "pi_attn = 0 (attention off)"),
+                                               (0.2, 1.0, "tab:orange", "pi_attn = 1 (attention only)")):
+                vals = [next(r[key] for r in rows if r["config"] == n and r["pi_attn"] == value) for n in names]
+                ax.bar(x + offset, vals, width=0.4, color=color, label=name)
+            ax.axhline(0, color="black", lw=0.8)
+            ax.set_xticks(x)
+            ax.set_xticklabels([n.replace("block ", "") for n in names] if col == 0 else names, fontsize=8)
+            ax.set_xlabel("block whose attention is forced" if col == 0 else "blocks forced together")
+            ax.set_ylabel(unit)
+            ax.grid(axis="y", alpha=0.3)
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle(title or f"Attention dropout (unmodified: {result['psnr']:.3f} dB / {result['ssim']:.4f})", fontsize=11)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_branch_weights(result: dict[str, Any], path: str | os.PathLike, title: str = "") -> Path:
+    """Box plot of pi_attn per block over the images."""
+    plt = _pyplot()
+    table = np.array(result["pi_attn"])
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.boxplot(table, showmeans=True)
+    ax.axhline(0.5, color="gray", lw=0.8, ls="--")
+    ax.set(xlabel="block", ylabel="pi_attn (weight of the attention branch)",
+           title=title or f"Branch weights over {table.shape[0]} images")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_lam(result: dict[str, Any], path: str | os.PathLike, title: str = "") -> Path:
+    """The output with the window, and the attribution map over the input."""
+    plt = _pyplot()
+    from matplotlib.patches import Rectangle
+
+    x, y, size = result["window"]
+    s = result["scale"]
+    heat = result["map"] / (result["map"].max() or 1.0)
+    gray = result["input"].astype(np.float64).mean(axis=2)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.6))
+    axes[0].imshow(result["output"])
+    axes[0].add_patch(Rectangle((x - 0.5, y - 0.5), size, size, fill=False, color="red", lw=1.5))
+    axes[0].set_title("output with the attributed window", fontsize=9)
+    axes[1].imshow(gray, cmap="gray")
+    im = axes[1].imshow(heat, cmap="jet", alpha=0.55, vmin=0, vmax=1)
+    axes[1].set_title(f"LAM over the input (DI = {result['diffusion_index']:.3f})", fontsize=9)
+    im2 = axes[2].imshow(np.sqrt(heat), cmap="magma", vmin=0, vmax=1)
+    axes[2].set_title("attribution, square root (shows faint spread)", fontsize=9)
+    for ax in axes[1:]:
+        ax.add_patch(Rectangle((x / s - 0.5, y / s - 0.5), size / s, size / s, fill=False, color="white", lw=1))
+    for ax in axes:
+        ax.set_xlabel("x (pixels)")
+        ax.set_ylabel("y (pixels)")
+    fig.colorbar(im, ax=axes[1], fraction=0.046, pad=0.02, label="|attribution| / max")
+    fig.colorbar(im2, ax=axes[2], fraction=0.046, pad=0.02, label="sqrt(|attribution| / max)")
+    fig.suptitle(title or f"Local Attribution Map (blur path sigma {result['sigma']}, {result['steps']} steps)", fontsize=11)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -1,0 +1,53 @@
+"""`a2n evaluate` with the authors' weights reproduces the reference PSNR/SSIM table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from a2n.cli import main
+
+from conftest import BENCHMARK, OFFICIAL, need
+
+# ../shared/reference/README.md, whole-image forward, official weights.
+REFERENCE = {
+    ("Set5", 2): (38.060, 0.9607), ("Set14", 2): (33.723, 0.9186), ("B100", 2): (32.209, None),
+    ("Set5", 3): (34.468, 0.9278), ("Set14", 3): (30.386, 0.8424), ("B100", 3): (29.127, None),
+}
+# Literature bicubic on Set5 (33.66 / 30.39 / 28.42) with MATLAB's own evaluation.
+BICUBIC_SET5 = {2: 33.674, 3: 30.405}
+
+
+def check_reference(dataset: str, scale: int, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = need(BENCHMARK / dataset)
+    weights = need(OFFICIAL / f"aan_x{scale}.pt")
+    out = tmp_path / "r.json"
+    assert main(["evaluate", "--data", str(data), "--scale", str(scale), "--weights", str(weights), "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    results = json.loads(out.read_text())["results"]
+    bicubic, a2n = results
+    assert (bicubic["method"], a2n["method"], a2n["dataset"], a2n["scale"]) == ("bicubic", "a2n", dataset, scale)
+    psnr, ssim = REFERENCE[(dataset, scale)]
+    assert abs(a2n["psnr"] - psnr) <= 0.005, a2n["psnr"]
+    if ssim is not None:
+        assert abs(a2n["ssim"] - ssim) <= 1e-4, a2n["ssim"]
+    assert len(a2n["images"]) == {"Set5": 5, "Set14": 14, "B100": 100}[dataset]
+    assert {"name", "psnr", "ssim"} <= set(a2n["images"][0])
+    assert a2n["psnr"] > bicubic["psnr"] + 3
+    assert f"{a2n['psnr']:.3f}" in table and "bicubic" in table
+    if dataset == "Set5":
+        assert abs(bicubic["psnr"] - BICUBIC_SET5[scale]) <= 0.005
+
+
+@pytest.mark.parametrize("scale", [2, 3])
+def test_reference_set5(scale: int, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    check_reference("Set5", scale, tmp_path, capsys)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dataset", ["Set14", "B100"])
+@pytest.mark.parametrize("scale", [2, 3])
+def test_reference_set14_b100(dataset: str, scale: int, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    check_reference(dataset, scale, tmp_path, capsys)
