@@ -15,7 +15,7 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -77,22 +77,30 @@ def forced_attention(model: A2N, blocks: Iterable[int], value: float) -> Iterato
 
 def trace_blocks(model: A2N, lr: np.ndarray) -> tuple[np.ndarray, list[BlockTrace]]:
     """The SR output (uint8) and, per block, its input features, attention mask (C x H x W) and pi_attn."""
-    seen: dict[str, dict[int, Any]] = {"input": {}, "mask": {}, "pi": {}}
+    inputs: dict[int, torch.Tensor] = {}
+    masks: dict[int, torch.Tensor] = {}
+    pis: dict[int, torch.Tensor] = {}
     handles = []
     for i, block in enumerate(model.blocks):
-        handles.append(block.register_forward_pre_hook(lambda m, inp, i=i: seen["input"].__setitem__(i, inp[0])))
-        handles.append(block.attention.sigmoid.register_forward_hook(lambda m, inp, out, i=i: seen["mask"].__setitem__(i, out)))
-        handles.append(block.branch_weights.register_forward_hook(lambda m, inp, out, i=i: seen["pi"].__setitem__(i, out)))
+        handles.append(block.register_forward_pre_hook(_keeper(inputs, i)))
+        handles.append(block.attention.sigmoid.register_forward_hook(_keeper(masks, i)))
+        handles.append(block.branch_weights.register_forward_hook(_keeper(pis, i)))
     try:
         sr = upscale_uint8(model, lr)
     finally:
         for h in handles:
             h.remove()
-    traces = [
-        BlockTrace(_numpy(seen["input"][i]), _numpy(seen["mask"][i]), float(seen["pi"][i][0, 0]))
-        for i in range(len(model.blocks))
-    ]
+    traces = [BlockTrace(_numpy(inputs[i]), _numpy(masks[i]), float(pis[i][0, 0])) for i in range(len(model.blocks))]
     return sr, traces
+
+
+def _keeper(store: dict[int, torch.Tensor], index: int) -> Callable[..., None]:
+    """A hook that keeps a module's output (forward hook) or first input (pre-hook) under `index`."""
+
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor | None = None) -> None:
+        store[index] = args[0] if output is None else output
+
+    return hook
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
@@ -108,11 +116,13 @@ def heatmap(model: A2N, lr: np.ndarray, channel: int | None = None) -> dict[str,
     n_channels = traces[0].mask.shape[0]
     if channel is not None and not 0 <= channel < n_channels:
         raise AnalysisError(f"--channel {channel} is out of range; the attention masks have channels 0..{n_channels - 1}")
+    shown = [t.mask.mean(axis=0) if channel is None else t.mask[channel] for t in traces]
     rows = []
-    for i, t in enumerate(traces):
+    for i, (t, mask) in enumerate(zip(traces, shown)):
         per_channel = t.mask.mean(axis=(1, 2))
         rows.append({
             "block": i + 1,
+            "shown_mean": float(mask.mean()),
             "mask_mean": float(t.mask.mean()),
             "mask_std": float(t.mask.std()),
             "pi_attn": t.pi_attn,
@@ -120,10 +130,10 @@ def heatmap(model: A2N, lr: np.ndarray, channel: int | None = None) -> dict[str,
             "most_suppressed_channel": int(per_channel.argmin()),
             "highpass_corr": highpass_correlation(t.input, t.mask),
         })
-    means = [r["mask_mean"] for r in rows]
+    means = [r["shown_mean"] for r in rows]
     return {
         "input": lr,
-        "masks": [t.mask.mean(axis=0) if channel is None else t.mask[channel] for t in traces],
+        "masks": shown,
         "features": [t.input.mean(axis=0) for t in traces],
         "channel": channel,
         "rows": rows,
@@ -151,28 +161,41 @@ def highpass_correlation(block_input: np.ndarray, mask: np.ndarray, sigma: float
 
 
 def highpass_study(model: A2N, pairs: list[Pair], sigma: float = HIGHPASS_SIGMA) -> dict[str, Any]:
-    """Per block, the high-pass correlation over a dataset; and whether it rises with depth, as the paper reports."""
-    per_image = []
+    """Per block, the mask's high-pass correlation over a dataset, and whether it rises with depth as the paper reports.
+
+    The reference is the block input; the high-pass of the LR image (gray) is given beside it for comparison.
+    """
+    if sigma <= 0:
+        raise AnalysisError(f"--sigma must be positive, got {sigma}")
+    block_corr, image_corr = [], []
     for _, _, lr in pairs:
         _, traces = trace_blocks(model, lr)
-        per_image.append([highpass_correlation(t.input, t.mask, sigma) for t in traces])
-    corr = np.array(per_image)
-    mean = np.nanmean(corr, axis=0)
+        gray = lr.astype(np.float64).mean(axis=2)[None]
+        block_corr.append([highpass_correlation(t.input, t.mask, sigma) for t in traces])
+        image_corr.append([highpass_correlation(gray, t.mask, sigma) for t in traces])
+    corr, corr_image = np.array(block_corr), np.array(image_corr)
+    mean, mean_image = np.nanmean(corr, axis=0), np.nanmean(corr_image, axis=0)
     rows = [
-        {"block": i + 1, "corr_mean": float(mean[i]), "corr_std": float(np.nanstd(corr[:, i])), "images": int(np.isfinite(corr[:, i]).sum())}
+        {"block": i + 1, "corr_mean": float(mean[i]), "corr_std": float(np.nanstd(corr[:, i])),
+         "image_corr_mean": float(mean_image[i]), "image_corr_std": float(np.nanstd(corr_image[:, i])),
+         "images": int(np.isfinite(corr[:, i]).sum())}
         for i in range(corr.shape[1])
     ]
     thirds = np.array_split(mean, 3)
-    rho = float(spearmanr(np.arange(len(mean)), mean).statistic)
+    depth = np.arange(len(mean))
+    rho, p_value = spearmanr(depth, mean)
     return {
-        "filter": f"|x - GaussianBlur(x, sigma={sigma})| of the block input, mean over channels",
+        "filter": f"|x - GaussianBlur(x, sigma={sigma})|, mean over channels",
         "rows": rows,
         "images": [name for name, _, _ in pairs],
         "per_image": corr.tolist(),
+        "per_image_lr": corr_image.tolist(),
         "early_mean": float(thirds[0].mean()),
         "late_mean": float(thirds[-1].mean()),
-        "spearman_depth": rho,
-        "rises_with_depth": bool(thirds[-1].mean() > thirds[0].mean() and rho > 0),
+        "spearman_depth": float(rho),
+        "spearman_p": float(p_value),
+        "image_spearman_depth": float(spearmanr(depth, mean_image)[0]),
+        "rises_with_depth": bool(rho > 0 and p_value < 0.05),
     }
 
 
@@ -210,19 +233,17 @@ def ablation(model: A2N, pairs: list[Pair]) -> dict[str, Any]:
 
 def branch_weights(model: A2N, pairs: list[Pair]) -> dict[str, Any]:
     """pi_attn of every block for every image, with its mean and spread per block."""
-    pis: list[list[float]] = []
-    handles = [
-        b.branch_weights.register_forward_hook(lambda m, inp, out, i=i: pis[-1].append((i, float(out[0, 0]))))
-        for i, b in enumerate(model.blocks)
-    ]
+    pis: dict[int, torch.Tensor] = {}
+    handles = [b.branch_weights.register_forward_hook(_keeper(pis, i)) for i, b in enumerate(model.blocks)]
+    table_rows = []
     try:
         for _, _, lr in pairs:
-            pis.append([])
             upscale_uint8(model, lr)
+            table_rows.append([float(pis[i][0, 0]) for i in range(len(model.blocks))])
     finally:
         for h in handles:
             h.remove()
-    table = np.array([[v for _, v in sorted(image)] for image in pis])
+    table = np.array(table_rows)
     rows = [
         {"block": i + 1, "mean": float(col.mean()), "std": float(col.std()), "min": float(col.min()),
          "median": float(np.median(col)), "max": float(col.max())}
@@ -281,6 +302,8 @@ def lam(
     a Gaussian blur of width `sigma` to the image (`steps` Riemann steps). The attribution has the
     input's shape; its diffusion index tells how far the model looks.
     """
+    if steps < 1 or sigma <= 0:
+        raise AnalysisError(f"LAM needs --steps >= 1 and --sigma > 0, got steps={steps}, sigma={sigma}")
     p = next(model.parameters())
     image_t = to_tensor(image).to(p.device)
     with torch.no_grad():
@@ -305,17 +328,28 @@ def lam(
     attribution = (torch.cat(grads) * (path_t[1:] - path_t[:-1])).sum(dim=0)
     attribution_np = attribution.permute(1, 2, 0).cpu().double().numpy()
     heat = np.abs(attribution_np).sum(axis=2)
-    return {
-        "input": image,
-        "output": to_uint8(out.cpu()),
-        "scale": scale,
-        "window": window,
-        "attribution": attribution_np,
-        "map": heat,
+    centre = ((y + size / 2) / scale - 0.5, (x + size / 2) / scale - 0.5)
+    row = {
+        "window": f"{x},{y},{size}",
         "diffusion_index": diffusion_index(heat),
+        "radius_50": attribution_radius(heat, centre, 0.5),
+        "radius_90": attribution_radius(heat, centre, 0.9),
         "sigma": sigma,
         "steps": steps,
     }
+    return {**row, "rows": [row], "input": image, "output": to_uint8(out.cpu()), "scale": scale, "window": window,
+            "attribution": attribution_np, "map": heat}
+
+
+def attribution_radius(attribution_map: np.ndarray, centre: tuple[float, float], share: float) -> float:
+    """Smallest distance from `centre` (row, column) within which `share` of the total attribution lies."""
+    rows, cols = np.indices(attribution_map.shape)
+    distance = np.hypot(rows - centre[0], cols - centre[1]).ravel()
+    order = np.argsort(distance)
+    cumulative = np.cumsum(np.abs(attribution_map).ravel()[order])
+    if cumulative[-1] == 0:
+        return 0.0
+    return float(distance[order][np.searchsorted(cumulative, share * cumulative[-1])])
 
 
 # ---------------------------------------------------------------- numbers and figures
@@ -369,7 +403,7 @@ def plot_heatmap(result: dict[str, Any], path: str | os.PathLike, title: str = "
     plt = _pyplot()
     n = len(result["masks"])
     per_row = 4
-    rows = math.ceil(n / per_row)
+    rows = max(3, math.ceil(n / per_row))
     fig, axes = plt.subplots(rows, 1 + 2 * per_row, figsize=(2 + 2 * per_row * 1.7, rows * 1.9 + 0.8), squeeze=False)
     for ax in axes.ravel():
         ax.set_axis_off()
@@ -394,30 +428,33 @@ def plot_heatmap(result: dict[str, Any], path: str | os.PathLike, title: str = "
                 spine.set_color(color)
                 spine.set_linewidth(3)
     what = "mean over channels" if result["channel"] is None else f"channel {result['channel']}"
-    fig.colorbar(im_m, ax=axes[:, 1:].ravel().tolist(), fraction=0.015, pad=0.01, label=f"attention mask ({what})")
-    fig.colorbar(im_f, ax=axes[:, 1:].ravel().tolist(), fraction=0.015, pad=0.01, label="block input, channel mean / max |.|")
+    for row, im, label in ((1, im_m, f"attention mask\n({what})"), (2, im_f, "block input,\nchannel mean / max |.|")):
+        fig.colorbar(im, cax=axes[row, 0].inset_axes([0.05, 0.55, 0.9, 0.1]), orientation="horizontal", label=label)
     fig.suptitle(title or "Attention masks per block (framed: highest and lowest mean mask)", fontsize=11)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=0.88, wspace=0.08, hspace=0.35)
     return _save(fig, path)
 
 
 def plot_highpass(result: dict[str, Any], path: str | os.PathLike, title: str = "") -> Path:
-    """Bar plot of the mean high-pass correlation per block, with its spread over images."""
+    """Bars of the mean high-pass correlation per block (block input and LR image), with the spread over images."""
     plt = _pyplot()
     rows = result["rows"]
-    blocks = [r["block"] for r in rows]
-    mean = np.array([r["corr_mean"] for r in rows])
-    fig, ax = plt.subplots(figsize=(8, 4))
-    ax.bar(blocks, mean, yerr=[r["corr_std"] for r in rows], capsize=3,
-           color=["tab:red" if m > 0 else "tab:blue" for m in mean], alpha=0.8)
+    blocks = np.array([r["block"] for r in rows])
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    for offset, key, color, label in ((-0.2, "corr", "tab:red", "high-pass of the block input"),
+                                      (0.2, "image_corr", "tab:gray", "high-pass of the LR image (gray)")):
+        ax.bar(blocks + offset, [r[f"{key}_mean"] for r in rows], width=0.4, yerr=[r[f"{key}_std"] for r in rows],
+               capsize=2, color=color, alpha=0.85, label=label)
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xticks(blocks)
-    ax.set(xlabel="block", ylabel="Pearson r (mask vs high-pass energy)",
-           title=title or "Attention mask vs high-pass of the block input")
-    ax.text(0.01, 0.02, f"filter: {result['filter']}\nSpearman(depth, r) = {result['spearman_depth']:+.2f}; "
-            f"first third {result['early_mean']:+.3f}, last third {result['late_mean']:+.3f}",
-            transform=ax.transAxes, fontsize=7, va="bottom")
+    ax.set(xlabel="block", ylabel="Pearson r with the attention mask", title=title or "Attention mask vs high-pass energy")
+    ax.legend(fontsize=8, loc="upper left")
+    fig.text(0.01, 0.01, f"high-pass energy: {result['filter']}; bars: mean over {len(result['images'])} images, "
+             f"whiskers: std\nblock input: Spearman(depth, r) = {result['spearman_depth']:+.2f} (p = {result['spearman_p']:.2f}), "
+             f"mean r of the first third {result['early_mean']:+.3f}, of the last third {result['late_mean']:+.3f}; "
+             f"LR image: Spearman {result['image_spearman_depth']:+.2f}", fontsize=7)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     return _save(fig, path)
 
 
@@ -439,8 +476,8 @@ def plot_ablation(result: dict[str, Any], path: str | os.PathLike, title: str = 
                 ax.bar(x + offset, vals, width=0.4, color=color, label=name)
             ax.axhline(0, color="black", lw=0.8)
             ax.set_xticks(x)
-            ax.set_xticklabels([n.replace("block ", "") for n in names] if col == 0 else names, fontsize=8)
-            ax.set_xlabel("block whose attention is forced" if col == 0 else "blocks forced together")
+            ax.set_xticklabels([n.replace("block ", "").replace(" third", "") for n in names], fontsize=8)
+            ax.set_xlabel("block whose pi_attn is forced" if col == 0 else "thirds of the trunk / all blocks")
             ax.set_ylabel(unit)
             ax.grid(axis="y", alpha=0.3)
     axes[0, 0].legend(fontsize=8)
@@ -458,6 +495,7 @@ def plot_branch_weights(result: dict[str, Any], path: str | os.PathLike, title: 
     ax.axhline(0.5, color="gray", lw=0.8, ls="--")
     ax.set(xlabel="block", ylabel="pi_attn (weight of the attention branch)",
            title=title or f"Branch weights over {table.shape[0]} images")
+    ax.text(0.01, 0.02, "box: quartiles, line: median, triangle: mean", transform=ax.transAxes, fontsize=7)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return _save(fig, path)
@@ -477,8 +515,9 @@ def plot_lam(result: dict[str, Any], path: str | os.PathLike, title: str = "") -
     axes[0].add_patch(Rectangle((x - 0.5, y - 0.5), size, size, fill=False, color="red", lw=1.5))
     axes[0].set_title("output with the attributed window", fontsize=9)
     axes[1].imshow(gray, cmap="gray")
-    im = axes[1].imshow(heat, cmap="jet", alpha=0.55, vmin=0, vmax=1)
-    axes[1].set_title(f"LAM over the input (DI = {result['diffusion_index']:.3f})", fontsize=9)
+    im = axes[1].imshow(np.ma.masked_less(heat, 0.01), cmap="jet", alpha=0.6, vmin=0, vmax=1)
+    axes[1].set_title(f"LAM over the input: DI = {result['diffusion_index']:.3f}\n"
+                      f"50% / 90% of it within {result['radius_50']:.1f} / {result['radius_90']:.1f} px", fontsize=9)
     im2 = axes[2].imshow(np.sqrt(heat), cmap="magma", vmin=0, vmax=1)
     axes[2].set_title("attribution, square root (shows faint spread)", fontsize=9)
     for ax in axes[1:]:
@@ -486,7 +525,7 @@ def plot_lam(result: dict[str, Any], path: str | os.PathLike, title: str = "") -
     for ax in axes:
         ax.set_xlabel("x (pixels)")
         ax.set_ylabel("y (pixels)")
-    fig.colorbar(im, ax=axes[1], fraction=0.046, pad=0.02, label="|attribution| / max")
+    fig.colorbar(im, ax=axes[1], fraction=0.046, pad=0.02, label="|attribution| / max (under 0.01 not drawn)")
     fig.colorbar(im2, ax=axes[2], fraction=0.046, pad=0.02, label="sqrt(|attribution| / max)")
     fig.suptitle(title or f"Local Attribution Map (blur path sigma {result['sigma']}, {result['steps']} steps)", fontsize=11)
     fig.tight_layout()

@@ -86,6 +86,126 @@ def cmd_plot(args: argparse.Namespace) -> None:
     print(plot_curves(args.run_dir, args.output or Path(args.run_dir) / "curves.png"))
 
 
+def _analysis_model(args: argparse.Namespace) -> tuple:
+    """The model of an `analyze` command, a title naming it, and the metadata of its numbers."""
+    from a2n.weights import build_model
+
+    model = build_model(args.scale, args.variant, args.weights)
+    source = args.weights or f"shipped {args.variant} x{args.scale} weights"
+    return model, f"{Path(source).name}, {args.variant} x{args.scale}", {"weights": source, "scale": args.scale, "variant": args.variant}
+
+
+def _analysis_write(args: argparse.Namespace, stem: str, result: dict, plot, title: str, summary: dict) -> None:
+    """Write an analysis's figure and numbers into --out and name the files."""
+    from a2n.analysis import write_numbers
+
+    files = [plot(result, Path(args.out) / f"{stem}.png", title)] + write_numbers(args.out, stem, result["rows"], summary)
+    print("wrote " + ", ".join(str(f) for f in files))
+
+
+def cmd_analyze_heatmap(args: argparse.Namespace) -> None:
+    from a2n import analysis, io
+
+    image = io.read_rgb8(args.image)
+    model, title, meta = _analysis_model(args)
+    result = analysis.heatmap(model, image, args.channel)
+    extremes = {k: result[k] for k in ("channel", "most_enhanced_block", "most_suppressed_block")}
+    _analysis_write(args, f"heatmap_{Path(args.image).stem}", result, analysis.plot_heatmap,
+                    f"Attention masks per block: {Path(args.image).name}, {title}", {**meta, "image": args.image, **extremes})
+
+
+def cmd_analyze_highpass(args: argparse.Namespace) -> None:
+    from a2n import analysis
+
+    pairs = analysis.load_pairs(args.data, args.scale, args.limit)
+    model, title, meta = _analysis_model(args)
+    result = analysis.highpass_study(model, pairs, args.sigma)
+    name = Path(args.data).resolve().name
+    summary = {**meta, "data": args.data, **{k: v for k, v in result.items() if k != "rows"}}
+    _analysis_write(args, f"highpass_{name}", result, analysis.plot_highpass,
+                    f"Attention vs high-pass of the block input: {name}, {title}", summary)
+
+
+def cmd_analyze_ablate(args: argparse.Namespace) -> None:
+    from a2n import analysis
+
+    pairs = analysis.load_pairs(args.data, args.scale, args.limit)
+    model, title, meta = _analysis_model(args)
+    result = analysis.ablation(model, pairs)
+    name = Path(args.data).resolve().name
+    summary = {**meta, "data": args.data, **{k: v for k, v in result.items() if k != "rows"}}
+    _analysis_write(args, f"ablation_{name}", result, analysis.plot_ablation,
+                    f"Attention dropout: {name}, {title} (unmodified {result['psnr']:.3f} dB / {result['ssim']:.4f})", summary)
+
+
+def cmd_analyze_branch_weights(args: argparse.Namespace) -> None:
+    from a2n import analysis
+
+    pairs = analysis.load_pairs(args.data, args.scale, args.limit)
+    model, title, meta = _analysis_model(args)
+    result = analysis.branch_weights(model, pairs)
+    name = Path(args.data).resolve().name
+    summary = {**meta, "data": args.data, **{k: v for k, v in result.items() if k != "rows"}}
+    _analysis_write(args, f"branch_weights_{name}", result, analysis.plot_branch_weights,
+                    f"pi_attn per block over {len(pairs)} images: {name}, {title}", summary)
+
+
+def cmd_analyze_lam(args: argparse.Namespace) -> None:
+    from contextlib import nullcontext
+
+    from a2n import analysis, io
+
+    window = analysis.parse_window(args.window)
+    image = io.read_rgb8(args.image)
+    if args.force_attn is not None and not 0.0 <= args.force_attn <= 1.0:
+        raise UserError(f"--force-attn must lie in 0..1 (0 turns attention off), got {args.force_attn}")
+    model, title, meta = _analysis_model(args)
+    forced = args.force_attn is not None
+    with analysis.forced_attention(model, range(len(model.blocks)), args.force_attn) if forced else nullcontext():
+        result = analysis.lam(model, image, window, args.sigma, args.steps)
+    suffix = f", pi_attn forced to {args.force_attn:g}" if forced else ""
+    _analysis_write(args, f"lam_{Path(args.image).stem}", result, analysis.plot_lam,
+                    f"Local Attribution Map: {Path(args.image).name}, {title}{suffix}",
+                    {**meta, "image": args.image, "force_attn": args.force_attn, **result["rows"][0]})
+
+
+def _add_analyze_parser(sub: argparse._SubParsersAction) -> None:
+    """The `analyze` command group: heatmap, highpass, ablate, branch-weights, lam."""
+    p = sub.add_parser("analyze", help="attention analysis figures and numbers (heatmap, highpass, ablate, branch-weights, lam)")
+    group = p.add_subparsers(dest="analysis", required=True, parser_class=Parser)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--weights", help="weights file (.safetensors, .pt, .pth); default: the shipped weights")
+    common.add_argument("--scale", type=int, choices=(2, 3, 4), required=True)
+    common.add_argument("--variant", choices=("a2n", "a2n-m", "additive"), default="a2n")
+    common.add_argument("--out", required=True, metavar="DIR", help="folder for the PNG figure and the CSV/JSON numbers")
+    dataset = argparse.ArgumentParser(add_help=False)
+    dataset.add_argument("--data", required=True, metavar="DIR", help="benchmark folder with HR/ and LR_bicubic/X<S>/")
+    dataset.add_argument("--limit", type=int, metavar="N", help="use only the first N images (by name)")
+
+    q = group.add_parser("heatmap", parents=[common], help="attention mask of every block beside its input features")
+    q.add_argument("image", help="LR input image")
+    q.add_argument("--channel", type=int, help="show this mask channel instead of the mean over channels")
+    q.set_defaults(func=cmd_analyze_heatmap)
+
+    q = group.add_parser("highpass", parents=[common, dataset], help="correlation of each block's mask with the high-pass of its input")
+    q.add_argument("--sigma", type=float, default=1.0, help="high-pass = x - GaussianBlur(x, sigma), in LR pixels (default 1)")
+    q.set_defaults(func=cmd_analyze_highpass)
+
+    q = group.add_parser("ablate", parents=[common, dataset], help="attention dropout: PSNR/SSIM with pi_attn forced to 0 and 1")
+    q.set_defaults(func=cmd_analyze_ablate)
+
+    q = group.add_parser("branch-weights", parents=[common, dataset], help="distribution of pi_attn per block over images")
+    q.set_defaults(func=cmd_analyze_branch_weights)
+
+    q = group.add_parser("lam", parents=[common], help="Local Attribution Map of an output window and its diffusion index")
+    q.add_argument("image", help="LR input image (keep it small, e.g. 64 to 128 pixels: cost grows with its area)")
+    q.add_argument("--window", required=True, metavar="X,Y,SIZE", help="output window: top-left corner and side, in output pixels")
+    q.add_argument("--steps", type=int, default=50, help="integration steps along the blur path (default 50)")
+    q.add_argument("--sigma", type=float, default=5.0, help="Gaussian blur of the path's baseline, in input pixels (default 5)")
+    q.add_argument("--force-attn", type=float, metavar="P", help="fix pi_attn of every block to P (0: attention off)")
+    q.set_defaults(func=cmd_analyze_lam)
+
+
 def _existing_dir(path: str) -> Path:
     p = Path(path)
     if not p.is_dir():
@@ -130,6 +250,8 @@ def build_parser() -> Parser:
     p.add_argument("run_dir")
     p.add_argument("-o", "--output", metavar="PNG", help="default: <run_dir>/curves.png")
     p.set_defaults(func=cmd_plot)
+
+    _add_analyze_parser(sub)
     return parser
 
 

@@ -386,6 +386,14 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
             status = f"interrupted by signal {stop.signal} at step {step}; checkpoint saved to {last_path}"
             break
 
+    replicas_identical = None
+    if distributed:
+        flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+        gathered = [torch.empty_like(flat) for _ in range(world)]
+        dist.all_gather(gathered, flat)
+        replicas_identical = all(torch.equal(g, flat) for g in gathered)
+        if main_process:
+            log({"kind": "replicas", "step": step, "identical": replicas_identical})
     if main_process and status == "finished":
         atomic_save(checkpoint(), last_path)
         export(out / "last.safetensors", last_psnr)
@@ -400,7 +408,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     if status.startswith("stopped"):
         raise TrainingError(status)
     summary = {"status": status, "step": step, "best_psnr": best_psnr, "out_dir": str(out),
-               "parameters": count_parameters(model), "world_size": world}
+               "parameters": count_parameters(model), "world_size": world, "replicas_identical": replicas_identical}
     if main_process:
         print(json.dumps(summary), file=sys.stderr)
     return summary

@@ -1,0 +1,364 @@
+"""Attention analysis: forced branch weights, high-pass filter, LAM and the `analyze` commands, checked by numbers."""
+
+from __future__ import annotations
+
+import csv
+import json
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from a2n import A2NError, io, metrics
+from a2n.analysis import (
+    AnalysisError,
+    ablation_configs,
+    attribution_radius,
+    diffusion_index,
+    forced_attention,
+    gini,
+    highpass,
+    highpass_correlation,
+    lam,
+    load_pairs,
+    parse_window,
+    trace_blocks,
+)
+from a2n.cli import main
+from a2n.inference import to_tensor, upscale_uint8
+from a2n.model import A2N
+from a2n.resize import imresize
+from a2n.weights import build_model, save_weights
+
+from conftest import BENCHMARK, OFFICIAL, need
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny tensors gain nothing from threads, and on a busy machine extra threads make them far slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def random_model(variant: str = "a2n", nb: int = 3, scale: int = 2, seed: int = 0) -> A2N:
+    torch.manual_seed(seed)
+    return A2N(scale, variant, nb=nb).eval()
+
+
+def smooth_image(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A uint8 RGB image with structure at several scales, so that gradients and masks vary."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width] / max(height, width)
+    base = 0.5 + 0.3 * np.sin(9 * x + 4 * y)[..., None] * np.array([1.0, 0.7, 0.4])
+    return np.clip((base + 0.1 * rng.standard_normal((height, width, 3))) * 255, 0, 255).astype(np.uint8)
+
+
+def non_attention_forward(model: A2N, x: torch.Tensor) -> torch.Tensor:
+    """A2N whose blocks mix the non-attention branch alone: conv_last(lrelu(non_attention(entry(x)))) + x."""
+    fea = model.head(x)
+    t = fea
+    for b in model.blocks:
+        t = b.conv_last(b.lrelu(b.non_attention(b.entry(t)))) + t
+    out = model.reconstruct(fea + model.trunk_conv(t)) / model.pixel_range
+    return out + F.interpolate(x, scale_factor=model.scale, mode="bilinear", align_corners=False)
+
+
+# ---------------------------------------------------------------- forcing pi_attn
+
+
+@pytest.mark.parametrize("variant", ["a2n", "a2n-m", "additive"])
+def test_force_zero_equals_non_attention_branch_alone(variant: str) -> None:
+    model = random_model(variant)
+    x = torch.rand(1, 3, 12, 10)
+    with torch.no_grad(), forced_attention(model, range(3), 0.0):
+        forced = model(x)
+    with torch.no_grad():
+        reference = non_attention_forward(model, x)
+        unforced = model(x)
+    assert torch.allclose(forced, reference, atol=1e-6, rtol=0)
+    assert (forced - unforced).abs().max() > 1e-3
+
+
+def test_force_own_value_changes_nothing() -> None:
+    model = random_model(nb=4)
+    lr = smooth_image(14, 12)
+    sr, traces = trace_blocks(model, lr)
+    x = to_tensor(lr)
+    with torch.no_grad():
+        before = model(x)
+        with ExitStack() as stack:
+            for i, t in enumerate(traces):
+                stack.enter_context(forced_attention(model, [i], t.pi_attn))
+            after = model(x)
+    assert torch.allclose(before, after, atol=1e-6, rtol=0)
+    assert np.array_equal(sr, upscale_uint8(model, lr))
+
+
+def test_forced_attention_restores_even_after_an_error() -> None:
+    model = random_model()
+    model.blocks[1].branch_weights.force_attn = 0.3
+    with pytest.raises(RuntimeError):
+        with forced_attention(model, [0, 1], 1.0):
+            assert [b.branch_weights.force_attn for b in model.blocks] == [1.0, 1.0, None]
+            raise RuntimeError("inside")
+    assert [b.branch_weights.force_attn for b in model.blocks] == [None, 0.3, None]
+
+
+def test_trace_shapes_and_pi() -> None:
+    model = random_model(nb=2)
+    sr, traces = trace_blocks(model, smooth_image(10, 8))
+    assert sr.shape == (20, 16, 3)
+    assert [t.mask.shape for t in traces] == [(40, 10, 8)] * 2
+    assert [t.input.shape for t in traces] == [(40, 10, 8)] * 2
+    assert all(0 < t.mask.min() and t.mask.max() < 1 and 0 < t.pi_attn < 1 for t in traces)
+
+
+def test_ablation_configs_cover_blocks_thirds_and_all() -> None:
+    configs = ablation_configs(16)
+    assert len(configs) == (16 + 4) * 2
+    groups = {label: blocks for label, blocks, _ in configs}
+    assert [len(groups[k]) for k in ("first third", "middle third", "last third", "all")] == [6, 5, 5, 16]
+    assert groups["block 3"] == [2]
+    assert {v for _, _, v in configs} == {0.0, 1.0}
+
+
+# ---------------------------------------------------------------- high-pass correlation
+
+
+@pytest.mark.parametrize("shape", [(9, 7), (4, 9, 7)])
+def test_highpass_of_a_constant_image_is_zero(shape: tuple[int, ...]) -> None:
+    assert np.abs(highpass(np.full(shape, 7.5))).max() < 1e-12
+
+
+def test_highpass_removes_a_ramp_and_keeps_a_checkerboard() -> None:
+    ramp = np.add.outer(np.arange(20.0), 2 * np.arange(20.0))
+    assert np.abs(highpass(ramp)[5:-5, 5:-5]).max() < 1e-9
+    checker = np.indices((20, 20)).sum(axis=0) % 2.0
+    assert np.abs(highpass(checker)[5:-5, 5:-5]).min() > 0.4
+
+
+def test_highpass_correlation_of_the_energy_itself_is_one() -> None:
+    features = np.random.default_rng(0).standard_normal((3, 16, 16))
+    energy = np.abs(highpass(features)).mean(axis=0)
+    assert highpass_correlation(features, np.stack([energy, energy])) == pytest.approx(1.0)
+    assert highpass_correlation(features, np.stack([-energy])) == pytest.approx(-1.0)
+    assert np.isnan(highpass_correlation(features, np.ones((2, 16, 16))))
+
+
+# ---------------------------------------------------------------- LAM
+
+
+def test_gini_and_diffusion_index_known_values() -> None:
+    assert gini(np.ones(10)) == pytest.approx(0.0)
+    assert gini(np.array([0.0, 0, 1, 1])) == pytest.approx(0.5)
+    spike = np.zeros(100)
+    spike[17] = -3.0
+    assert diffusion_index(spike) == pytest.approx(0.01)
+    assert diffusion_index(np.zeros(5)) == 1.0
+
+
+def test_attribution_radius() -> None:
+    heat = np.zeros((11, 11))
+    heat[5, 5], heat[5, 9] = 1.0, 1.0
+    assert attribution_radius(heat, (5.0, 5.0), 0.5) == 0.0
+    assert attribution_radius(heat, (5.0, 5.0), 0.9) == pytest.approx(4.0)
+
+
+@pytest.mark.parametrize("variant,force", [("a2n", None), ("a2n-m", None), ("additive", None), ("a2n", 0.0)])
+def test_lam_shape_sign_and_diffusion_range(variant: str, force: float | None) -> None:
+    model = random_model(variant, nb=2)
+    image = smooth_image(16, 16)
+    with forced_attention(model, range(2), force) if force is not None else ExitStack():
+        result = lam(model, image, (10, 12, 8), steps=6, batch=3)
+    assert result["attribution"].shape == image.shape
+    assert result["map"].shape == image.shape[:2]
+    assert (np.abs(result["attribution"]) >= 0).all() and result["map"].sum() > 0
+    assert 0.0 <= result["diffusion_index"] <= 1.0
+    assert result["output"].shape == (32, 32, 3) and result["scale"] == 2
+    assert [b.branch_weights.force_attn for b in model.blocks] == [None, None]
+
+
+def conv_stack(depth: int, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for _ in range(depth):
+        layers += [nn.Conv2d(3, 3, 3, padding=1), nn.LeakyReLU(0.2)]
+    return nn.Sequential(*layers[:-1]).eval()
+
+
+def test_lam_diffusion_grows_with_receptive_field() -> None:
+    image = smooth_image(32, 32, seed=1)
+    window = (12, 12, 8)
+    single = lam(conv_stack(1), image, window, steps=10)
+    deep = lam(conv_stack(6), image, window, steps=10)
+    outside = np.ones((32, 32), bool)
+    outside[11:21, 11:21] = False  # a 3x3 conv reads one pixel around the 8x8 window
+    assert single["map"][outside].max() == 0
+    assert deep["map"][outside].sum() > 0.1 * deep["map"].sum()
+    assert deep["diffusion_index"] > 1.5 * single["diffusion_index"]
+    assert deep["radius_90"] > single["radius_90"]
+
+
+def test_lam_is_complete_for_a_linear_conv() -> None:
+    model = conv_stack(1)
+    image = smooth_image(20, 20, seed=2)
+    window = (4, 6, 10)
+    result = lam(model, image, window, sigma=3.0, steps=200, batch=50)
+    from a2n.analysis import _window_gradient
+    from scipy.ndimage import gaussian_filter
+
+    base = gaussian_filter(image / 255.0, (3.0, 3.0, 0), mode="reflect")
+    with torch.no_grad():
+        end = _window_gradient(model(to_tensor(image)), window).item()
+        start = _window_gradient(model(torch.from_numpy(base.transpose(2, 0, 1)).float()[None]), window).item()
+    assert result["attribution"].sum() == pytest.approx(end - start, rel=0.03)
+
+
+@pytest.mark.parametrize("window", [(30, 0, 4), (-1, 0, 4), (0, 0, 1), (0, 29, 4)])
+def test_lam_rejects_a_window_outside_the_output(window: tuple[int, int, int]) -> None:
+    with pytest.raises(AnalysisError, match="does not fit the 32x32 output"):
+        lam(random_model(nb=1), smooth_image(16, 16), window, steps=2)
+
+
+def test_parse_window() -> None:
+    assert parse_window("3,4,16") == (3, 4, 16)
+    with pytest.raises(AnalysisError, match="X,Y,SIZE"):
+        parse_window("3,4")
+
+
+# ---------------------------------------------------------------- commands
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, A2N]:
+    """A benchmark folder of three 24x24 HR images with x2 LR partners, and random full-size weights."""
+    root = tmp_path_factory.mktemp("analysis")
+    for i in range(3):
+        hr = smooth_image(24, 24, seed=10 + i)
+        io.write_png(root / "bench" / "HR" / f"img{i}.png", hr)
+        io.write_png(root / "bench" / "LR_bicubic" / "X2" / f"img{i}x2.png", imresize(hr, 0.5))
+    torch.manual_seed(3)
+    save_weights(A2N(2), root / "w.safetensors")
+    return root / "bench", root / "w.safetensors", build_model(2, "a2n", root / "w.safetensors")
+
+
+def run(*argv: str) -> int:
+    return main(["analyze", *map(str, argv)])
+
+
+def read(out: Path, stem: str) -> tuple[list[dict], dict]:
+    with (out / f"{stem}.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert (out / f"{stem}.png").read_bytes()[:4] == b"\x89PNG"
+    return rows, json.loads((out / f"{stem}.json").read_text())
+
+
+def test_cli_ablate_numbers(tiny_setup: tuple, tmp_path: Path) -> None:
+    data, weights, model = tiny_setup
+    assert run("ablate", "--data", data, "--limit", 2, "--weights", weights, "--scale", 2, "--out", tmp_path) == 0
+    rows, summary = read(tmp_path, "ablation_bench")
+    assert len(rows) == len(summary["rows"]) == 41 and summary["images"] == ["img0", "img1"]
+    pairs = load_pairs(data, 2, limit=2)
+    psnr = np.mean([metrics.psnr(upscale_uint8(model, lr), hr, shave=2) for _, hr, lr in pairs])
+    assert summary["psnr"] == pytest.approx(psnr, abs=1e-9)
+    with forced_attention(model, range(16), 0.0):
+        off = np.mean([metrics.psnr(upscale_uint8(model, lr), hr, shave=2) for _, hr, lr in pairs])
+    row = next(r for r in summary["rows"] if r["config"] == "all" and r["pi_attn"] == 0.0)
+    assert row["d_psnr"] == pytest.approx(off - psnr, abs=1e-9)
+    assert all(b.branch_weights.force_attn is None for b in model.blocks)
+
+
+def test_cli_branch_weights_numbers(tiny_setup: tuple, tmp_path: Path) -> None:
+    data, weights, model = tiny_setup
+    assert run("branch-weights", "--data", data, "--weights", weights, "--scale", 2, "--out", tmp_path) == 0
+    rows, summary = read(tmp_path, "branch_weights_bench")
+    table = np.array(summary["pi_attn"])
+    assert table.shape == (3, 16) and len(rows) == 16
+    expected = [t.pi_attn for t in trace_blocks(model, load_pairs(data, 2)[1][2])[1]]
+    assert table[1] == pytest.approx(expected, abs=1e-7)
+    assert float(rows[4]["mean"]) == pytest.approx(table[:, 4].mean(), abs=1e-9)
+
+
+def test_cli_highpass_numbers(tiny_setup: tuple, tmp_path: Path) -> None:
+    data, weights, model = tiny_setup
+    assert run("highpass", "--data", data, "--weights", weights, "--scale", 2, "--out", tmp_path, "--sigma", 1.5) == 0
+    rows, summary = read(tmp_path, "highpass_bench")
+    assert len(rows) == 16 and "sigma=1.5" in summary["filter"]
+    lr = load_pairs(data, 2)[0][2]
+    traces = trace_blocks(model, lr)[1]
+    assert summary["per_image"][0][7] == pytest.approx(highpass_correlation(traces[7].input, traces[7].mask, 1.5))
+    gray = lr.astype(np.float64).mean(axis=2)[None]
+    assert summary["per_image_lr"][0][2] == pytest.approx(highpass_correlation(gray, traces[2].mask, 1.5))
+    assert float(rows[7]["corr_mean"]) == pytest.approx(np.mean(np.array(summary["per_image"])[:, 7]))
+    assert all(-1 <= r["corr_mean"] <= 1 for r in summary["rows"])
+
+
+def test_cli_heatmap_and_lam(tiny_setup: tuple, tmp_path: Path) -> None:
+    data, weights, model = tiny_setup
+    image = data / "LR_bicubic" / "X2" / "img0x2.png"
+    assert run("heatmap", image, "--channel", 5, "--weights", weights, "--scale", 2, "--out", tmp_path) == 0
+    rows, summary = read(tmp_path, "heatmap_img0x2")
+    shown = [float(r["shown_mean"]) for r in rows]
+    assert summary["most_enhanced_block"] == int(np.argmax(shown)) + 1 and summary["channel"] == 5
+    assert summary["most_suppressed_block"] == int(np.argmin(shown)) + 1
+    masks = trace_blocks(model, io.read_rgb8(image))[1]
+    assert shown[9] == pytest.approx(masks[9].mask[5].mean(), abs=1e-6)
+    assert float(rows[9]["mask_mean"]) == pytest.approx(masks[9].mask.mean(), abs=1e-6)
+    assert run("lam", image, "--window", "4,6,8", "--steps", 4, "--force-attn", 0,
+               "--weights", weights, "--scale", 2, "--out", tmp_path) == 0
+    rows, summary = read(tmp_path, "lam_img0x2")
+    assert 0 <= summary["diffusion_index"] <= 1 and summary["force_attn"] == 0.0 and rows[0]["window"] == "4,6,8"
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["heatmap", "missing.png"], "missing.png: no such file"),
+        (["heatmap", "IMG", "--channel", "40"], "--channel 40 is out of range"),
+        (["highpass", "--data", "nowhere"], "nowhere: no such folder"),
+        (["ablate", "--data", "DATA", "--limit", "0"], "--limit must be at least 1"),
+        (["lam", "IMG", "--window", "10,10,20"], "does not fit the 24x24 output"),
+        (["lam", "IMG", "--window", "0,0,4", "--force-attn", "2"], "--force-attn must lie in 0..1"),
+    ],
+)
+def test_cli_errors_are_one_line(tiny_setup: tuple, tmp_path: Path, capsys: pytest.CaptureFixture, argv: list[str], message: str) -> None:
+    data, weights, _ = tiny_setup
+    image = str(data / "LR_bicubic" / "X2" / "img0x2.png")
+    argv = [image if a == "IMG" else str(data) if a == "DATA" else a for a in argv]
+    assert run(*argv, "--weights", weights, "--scale", 2, "--out", tmp_path) == 1
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert issubclass(AnalysisError, A2NError)
+
+
+# ---------------------------------------------------------------- official weights
+
+
+@pytest.fixture(scope="module")
+def official_x2() -> A2N:
+    return build_model(2, "a2n", need(OFFICIAL / "aan_x2.pt"))
+
+
+def test_official_forcing_matches_non_attention_and_own_values(official_x2: A2N) -> None:
+    lr = io.read_rgb8(need(BENCHMARK / "Set5" / "LR_bicubic" / "X2" / "butterflyx2.png"))[40:72, 40:72]
+    x = to_tensor(lr)
+    _, traces = trace_blocks(official_x2, lr)
+    with torch.no_grad():
+        before = official_x2(x)
+        with ExitStack() as stack:
+            for i, t in enumerate(traces):
+                stack.enter_context(forced_attention(official_x2, [i], t.pi_attn))
+            own = official_x2(x)
+        with forced_attention(official_x2, range(16), 0.0):
+            off = official_x2(x)
+        reference = non_attention_forward(official_x2, x)
+    assert torch.allclose(before, own, atol=1e-5, rtol=0)
+    assert torch.allclose(off, reference, atol=1e-5, rtol=0)
+    assert (off - before).abs().mean() > 0.01

@@ -1,0 +1,208 @@
+"""Training: smoke run, exact resume after SIGKILL, SIGTERM, NaN stop, bad input, torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from a2n.data import DataError, PatchDataset, StepBatchSampler, dihedral
+from a2n.training import ConfigError, TrainingError, config_from_dict, load_config, lr_at, train
+
+from conftest import BENCHMARK, need
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_images(folder: Path, n: int = 4, size: int = 48, seed: int = 0) -> Path:
+    """Smooth random images (low-frequency noise upsampled), so SR has something to learn."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        small = Image.fromarray(rng.integers(0, 256, (size // 6, size // 6, 3), dtype=np.uint8))
+        small.resize((size, size), Image.BICUBIC).save(folder / f"img{i}.png")
+    return folder
+
+
+def base_config(tmp_path: Path, **extra) -> dict:
+    cfg = dict(scale=2, train_dirs=[str(make_images(tmp_path / "hr"))], cache_dir=str(tmp_path / "cache"),
+               val_dir=None, out_dir=str(tmp_path / "run"), patch_size=12, batch_size=4, iterations=8,
+               lr=5e-4, warmup=2, ema=0.9, precision="fp32", workers=1, log_every=2, save_every=1,
+               tensorboard=False, progress=False, seed=3)
+    cfg.update(extra)
+    return cfg
+
+
+def write_config(path: Path, cfg: dict) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def a2n_cmd() -> list[str]:
+    return [sys.executable, "-m", "a2n"]
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "last.pt", map_location="cpu", weights_only=True)["model"]
+
+
+def test_smoke_config_end_to_end(tmp_path: Path) -> None:
+    """configs/smoke.yaml as shipped, pointed at a temporary out_dir: files, logs, validation."""
+    need(BENCHMARK / "Set5")
+    cfg = load_config(ROOT / "configs" / "smoke.yaml", [f"out_dir={tmp_path / 'smoke'}", f"cache_dir={tmp_path / 'c'}",
+                                                         "iterations=6", "val_every=3", "tensorboard=true"])
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # the config's relative paths resolve against the repository root
+    try:
+        summary = train(cfg)
+    finally:
+        os.chdir(cwd)
+    run = tmp_path / "smoke"
+    assert summary["step"] == 6 and summary["status"] == "finished"
+    for name in ("last.pt", "best.pt", "best.safetensors", "last.safetensors", "config.yaml", "log.jsonl"):
+        assert (run / name).is_file(), name
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    vals = [r for r in records if r["kind"] == "val"]
+    assert [v["step"] for v in vals] == [3, 6] and all(20 < v["psnr"] < 40 for v in vals)
+    assert all(r["patches_per_s"] > 0 for r in records if r["kind"] == "train")
+    from a2n.training import plot_curves
+
+    png = plot_curves(run, tmp_path / "curves.png")
+    assert Image.open(png).size[0] > 500
+
+
+def test_resume_after_sigkill_is_exact(tmp_path: Path) -> None:
+    full = write_config(tmp_path / "full.yaml", base_config(tmp_path, out_dir=str(tmp_path / "full"), iterations=10))
+    subprocess.run(a2n_cmd() + ["train", "--config", str(full)], check=True, capture_output=True, timeout=600)
+
+    cut = write_config(tmp_path / "cut.yaml", base_config(tmp_path, out_dir=str(tmp_path / "cut"), iterations=10))
+    proc = subprocess.Popen(a2n_cmd() + ["train", "--config", str(cut)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = tmp_path / "cut" / "last.pt"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if last.exists() and torch.load(last, weights_only=True)["step"] >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = torch.load(last, weights_only=True)["step"]
+    assert 3 <= killed_at < 10, f"the run ended before it could be killed (step {killed_at})"
+    subprocess.run(a2n_cmd() + ["train", "--config", str(cut), "--resume"], check=True, capture_output=True, timeout=600)
+    a, b = final_weights(tmp_path / "full"), final_weights(tmp_path / "cut")
+    assert torch.load(last, weights_only=True)["step"] == 10
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path / "c.yaml", base_config(tmp_path, iterations=100000, save_every=100000))
+    proc = subprocess.Popen(a2n_cmd() + ["train", "--config", str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "run" / "log.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (log.exists() and log.read_text().count("\n") >= 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "interrupted by signal" in err and "Traceback" not in err
+    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert ckpt["step"] >= 4 and {"model", "ema", "optimizer", "rng", "config", "step"} <= set(ckpt)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path) -> None:
+    cfg = config_from_dict(base_config(tmp_path, iterations=3))
+    train(cfg)
+    last = tmp_path / "run" / "last.pt"
+    ckpt = torch.load(last, weights_only=True)
+    ckpt["model"]["conv_first.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(ckpt, last)
+    good = last.read_bytes()
+    cfg.iterations = 6
+    with pytest.raises(TrainingError, match="non-finite loss nan at step 4.*last checkpoint"):
+        train(cfg, resume=True)
+    assert last.read_bytes() == good
+
+
+def test_bad_input(tmp_path: Path) -> None:
+    hr = make_images(tmp_path / "hr", n=2)
+    (hr / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    Image.fromarray(np.zeros((10, 10, 3), np.uint8)).save(hr / "tiny.png")
+    with pytest.warns(UserWarning) as record:
+        ds = PatchDataset([hr], 2, 12)
+    messages = " ".join(str(w.message) for w in record)
+    assert "broken.png" in messages and "tiny.png" in messages and "smaller than the patch" in messages
+    assert len(ds.images) == 2 and len(ds.skipped) == 2
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="empty: no training images"):
+        PatchDataset([tmp_path / "empty"], 2, 12)
+    with pytest.raises(ConfigError, match="unknown key 'learning_rate'"):
+        config_from_dict({"learning_rate": 1e-3})
+    with pytest.raises(ConfigError, match="batch_size must be int"):
+        load_config(None, ["batch_size=big"])
+    with pytest.raises(ConfigError, match="ema must be float"):
+        config_from_dict({"ema": "yes"})
+
+
+def test_skipped_images_are_counted_in_the_log(tmp_path: Path) -> None:
+    cfg = base_config(tmp_path, iterations=2)
+    (Path(cfg["train_dirs"][0]) / "broken.jpg").write_bytes(b"nope")
+    train(config_from_dict(cfg))
+    rec = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
+    assert rec["skipped_images"] == 1
+
+
+def test_sampling_is_a_function_of_the_index(tmp_path: Path) -> None:
+    ds = PatchDataset([make_images(tmp_path / "hr")], 3, 8, seed=5)
+    a, b = ds[123], ds[123]
+    assert torch.equal(a[0], b[0]) and a[0].shape == (3, 8, 8) and a[1].shape == (3, 24, 24)
+    assert not torch.equal(ds[124][0], a[0])
+    batches = [StepBatchSampler(8, 5, rank=r, world_size=2) for r in range(2)]
+    first = [next(iter(s)) for s in batches]
+    assert first == [[40, 41, 42, 43], [44, 45, 46, 47]]
+    img = np.arange(2 * 3 * 1).reshape(2, 3, 1)
+    assert len({dihedral(img, k).tobytes() + bytes(dihedral(img, k).shape) for k in range(8)}) == 8
+
+
+def test_cosine_schedule() -> None:
+    cfg = config_from_dict({"lr": 1e-3, "min_lr": 0.0, "warmup": 10, "iterations": 110, "restart_every": 50})
+    assert lr_at(0, cfg) == pytest.approx(1e-4) and lr_at(9, cfg) == pytest.approx(1e-3)
+    assert lr_at(10, cfg) == pytest.approx(1e-3) and lr_at(35, cfg) == pytest.approx(5e-4)
+    assert lr_at(60, cfg) == pytest.approx(1e-3)  # warm restart
+
+
+def test_init_from_x2_for_x4(tmp_path: Path, capsys) -> None:
+    train(config_from_dict(base_config(tmp_path, iterations=2)))
+    cfg = base_config(tmp_path, scale=4, iterations=1, out_dir=str(tmp_path / "x4"), init_weights=str(tmp_path / "run" / "last.safetensors"), patch_size=8)
+    train(config_from_dict(cfg))
+    err = capsys.readouterr().err
+    assert "loaded 172 tensors, initialised 6" in err and "upconv2.weight" in err
+
+
+def test_torchrun_two_processes_match_one(tmp_path: Path) -> None:
+    torchrun = Path(sys.executable).parent / "torchrun"
+    if not torchrun.exists():
+        pytest.skip("torchrun is not installed next to this Python")
+    cfg = base_config(tmp_path, iterations=4, batch_size=4, ema=0.0, workers=0)
+    single = write_config(tmp_path / "one.yaml", {**cfg, "out_dir": str(tmp_path / "one")})
+    double = write_config(tmp_path / "two.yaml", {**cfg, "out_dir": str(tmp_path / "two")})
+    subprocess.run(a2n_cmd() + ["train", "--config", str(single)], check=True, capture_output=True, timeout=600)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "a2n", "train", "--config", str(double)],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
+    assert {"kind": "replicas", "step": 4, "identical": True} in records
+    a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert diff < 1e-5, diff
