@@ -89,3 +89,14 @@ def test_broken_files(tmp_path: Path, state) -> None:
         load_weights(A2N(2), partial)
     with pytest.raises(WeightsError, match="missing.pt: no such"):
         build_model(2, "a2n", tmp_path / "missing.pt")
+
+
+def test_training_checkpoint_loads_ema_on_0_1(tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    model, ema = A2N(4), A2N(4)
+    path = tmp_path / "last.pt"
+    torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "step": 9, "config": {"scale": 4, "variant": "a2n"}}, path)
+    loaded = A2N(4)
+    meta = load_weights(loaded, path)
+    assert loaded.pixel_range == 1.0 and meta["step"] == "9"
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in ema.state_dict().items())

@@ -187,6 +187,17 @@ def init_from(model: A2N, path: str) -> tuple[list[str], list[str]]:
     return sorted(fit), sorted(k for k in own if k not in fit)
 
 
+def forward_backward(
+    model: torch.nn.Module, lr_img: torch.Tensor, hr_img: torch.Tensor, amp_dtype: torch.dtype | None, scaler: torch.amp.GradScaler
+) -> torch.Tensor:
+    """One L1 forward/backward under autocast (when amp_dtype is set); returns the loss."""
+    with torch.autocast(lr_img.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        sr = model(lr_img)
+    loss = F.l1_loss(sr.float(), hr_img)
+    scaler.scale(loss).backward()
+    return loss
+
+
 class Stop:
     """Remembers SIGINT/SIGTERM so the loop can save and exit between steps."""
 
@@ -332,11 +343,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
             group["lr"] = lr_now
         lr_img = lr_img.to(device, non_blocking=True).contiguous(memory_format=memory_format)
         hr_img = hr_img.to(device, non_blocking=True).contiguous(memory_format=memory_format)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            sr = ddp_model(lr_img)
-        loss = F.l1_loss(sr.float(), hr_img)
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        loss = forward_backward(ddp_model, lr_img, hr_img, amp_dtype, scaler)
         if cfg.grad_clip > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

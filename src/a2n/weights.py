@@ -57,6 +57,11 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
                 f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
                 "it may be truncated or not a checkpoint"
             ) from exc
+        if isinstance(obj, dict) and isinstance(obj.get("config"), dict) and "scale" in obj["config"]:
+            # an `a2n train` checkpoint: 0..1 weights; the EMA is what validation scored
+            metadata = {"format": "a2n-train", "pixel_range": "1.0", "step": str(obj.get("step")),
+                        "scale": str(obj["config"]["scale"]), "variant": str(obj["config"].get("variant", "a2n"))}
+            obj = obj["ema"] if isinstance(obj.get("ema"), dict) else obj["model"]
         state = _unwrap(obj, path)
     return _strip_prefix(state), metadata
 
