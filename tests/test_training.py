@@ -107,12 +107,13 @@ def test_resume_after_sigkill_is_exact(tmp_path: Path) -> None:
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path: Path) -> None:
     cfg = write_config(tmp_path / "c.yaml", base_config(tmp_path, iterations=100000, save_every=100000))
-    proc = subprocess.Popen(a2n_cmd() + ["train", "--config", str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(a2n_cmd() + ["train", "--config", str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
     log = tmp_path / "run" / "log.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and not (log.exists() and log.read_text().count("\n") >= 2):
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)  # the whole process group, data workers included, as a service manager does
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert "interrupted by signal" in err and "Traceback" not in err

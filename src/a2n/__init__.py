@@ -5,3 +5,12 @@ __version__ = "0.1.0"
 
 class A2NError(Exception):
     """Base of the errors a user can fix; the command line prints them as one line."""
+
+
+def __getattr__(name: str):
+    """a2n.load_model and a2n.upscale, imported on first use so that `import a2n` stays light (no torch)."""
+    if name in ("load_model", "upscale"):
+        from a2n import inference
+
+        return getattr(inference, name)
+    raise AttributeError(f"module 'a2n' has no attribute {name!r}")

@@ -86,6 +86,45 @@ def cmd_plot(args: argparse.Namespace) -> None:
     print(plot_curves(args.run_dir, args.output or Path(args.run_dir) / "curves.png"))
 
 
+def cmd_upscale(args: argparse.Namespace) -> None:
+    import torch
+
+    from a2n import batch, io
+    from a2n.inference import load_model
+
+    for name in ("tile", "max_memory", "max_pixels", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be a positive number")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.max_pixels is not None:
+        io.set_max_pixels(args.max_pixels)
+    plan = batch.make_plan(args.inputs, args.output, args.scale, args.format, args.suffix, args.recursive, args.overwrite, args.skip_existing)
+    model = load_model(args.scale, args.variant, args.weights) if plan.jobs else None
+    batch.run(plan, model, args.format, args.quality, args.tile, args.max_memory)
+
+
+def _add_upscale_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("upscale", help="super-resolve images, folders or glob patterns (exact tiling for any size)")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders and glob patterns")
+    p.add_argument("-o", "--output", metavar="OUT", help="output folder (created when missing), or a file name for one input; default: next to each input")
+    p.add_argument("--scale", type=int, choices=(2, 3, 4), default=4)
+    p.add_argument("--weights", help="weights file (.safetensors, .pt, .pth); default: the shipped weights")
+    p.add_argument("--variant", choices=("a2n", "a2n-m", "additive"), default="a2n")
+    p.add_argument("--format", choices=("png", "jpg", "webp", "tiff", "bmp"), help="output format; default: the input's")
+    p.add_argument("--quality", type=int, default=95, choices=range(1, 101), metavar="Q", help="JPEG and WebP quality, 1..100 (default 95)")
+    p.add_argument("--suffix", metavar="S", help="added to output names (default _x<scale>)")
+    p.add_argument("--recursive", action="store_true", help="also take images in subfolders (mirrored under -o)")
+    existing = p.add_mutually_exclusive_group()
+    existing.add_argument("--overwrite", action="store_true", help="replace existing outputs (never an input)")
+    existing.add_argument("--skip-existing", action="store_true", help="leave images whose output exists alone")
+    p.add_argument("--tile", type=int, metavar="N", help="tile side in input pixels; default: chosen from --max-memory (same output for any N)")
+    p.add_argument("--max-memory", type=float, metavar="GB", help="memory budget in GiB; default: half of the memory available")
+    p.add_argument("--max-pixels", type=int, metavar="N", help="refuse input images with more pixels (default: Pillow's decompression-bomb limit, about 89 million)")
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: all cores)")
+    p.set_defaults(func=cmd_upscale)
+
+
 def _analysis_model(args: argparse.Namespace) -> tuple:
     """The model of an `analyze` command, a title naming it, and the metadata of its numbers."""
     from a2n.weights import build_model
@@ -252,6 +291,7 @@ def build_parser() -> Parser:
     p.set_defaults(func=cmd_plot)
 
     _add_analyze_parser(sub)
+    _add_upscale_parser(sub)
     return parser
 
 

@@ -32,13 +32,14 @@ Box = tuple[slice, slice]
 
 BLOCK_HALO = 2  # an AAB block reaches 2 LR pixels: a 3x3 conv after a 3x3 conv in its attention branch
 TAIL_HALO = 3  # head and trunk_conv (1) + the reconstruction's convs (at most 2 LR pixels at x2, x3, x4)
-MAX_TILE = 512  # larger tiles are not faster on a CPU, only bigger
+MAX_TILE = 256  # larger tiles are not faster on a CPU (the halo costs under 5% here), only bigger
 MIN_TILE = 32
-MEMORY_SHARE = 0.5  # default --max-memory: this share of the memory available now
-# Bytes per pixel measured for fp32 on a CPU (peak RSS growth, rounded up): a whole-image
-# forward per output pixel, and a tile's working set per output pixel of the tile.
-FORWARD_BYTES_PER_OUT_PIXEL = 600
-TILE_BYTES_PER_OUT_PIXEL = 500
+MEMORY_SHARE = 0.5  # default max_memory: this share of the memory available now
+# Peak-RSS growth measured for fp32 on a CPU, rounded up (bench/RESULTS.md): a whole-image
+# forward per output and per input pixel, and one tile's working set per output pixel of the tile.
+FORWARD_BYTES_PER_OUT_PIXEL = 300
+FORWARD_BYTES_PER_IN_PIXEL = 1000
+TILE_BYTES_PER_OUT_PIXEL = 800
 
 
 class MemoryBudgetError(A2NError):
@@ -111,12 +112,11 @@ def plan_tile(height: int, width: int, model: A2N, max_memory: float | None = No
     p = next(model.parameters())
     budget = max_memory * 2**30 if max_memory is not None else MEMORY_SHARE * available_memory(p.device)
     s2 = model.scale**2
-    if FORWARD_BYTES_PER_OUT_PIXEL * s2 * height * width <= budget:
+    if (FORWARD_BYTES_PER_OUT_PIXEL * s2 + FORWARD_BYTES_PER_IN_PIXEL) * height * width <= budget:
         return None
     nf = model.conv_first.out_channels
     fixed = height * width * (2 * nf * 4 + 3 * 4 + 3 * s2 * out_itemsize)
-    per_tile = budget - fixed
-    tile = int(math.sqrt(max(per_tile, 0) / (TILE_BYTES_PER_OUT_PIXEL * s2))) - 2 * TAIL_HALO
+    tile = int(math.sqrt(max(budget - fixed, 0) / (TILE_BYTES_PER_OUT_PIXEL * s2))) - 2 * TAIL_HALO
     if tile < MIN_TILE:
         need = (fixed + TILE_BYTES_PER_OUT_PIXEL * s2 * (MIN_TILE + 2 * TAIL_HALO) ** 2) / 2**30
         raise MemoryBudgetError(

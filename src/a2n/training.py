@@ -210,6 +210,12 @@ class Stop:
         self.signal = signum
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Data workers leave Ctrl-C/SIGTERM sent to the whole process group to the main process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     """Run (or resume) training as the config says; returns a summary (steps, best PSNR, paths)."""
     # --- processes and devices -------------------------------------------------------------
@@ -279,6 +285,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         pin_memory=device.type == "cuda",
         persistent_workers=False,
         prefetch_factor=4 if cfg.workers > 0 else None,
+        worker_init_fn=_ignore_stop_signals,
     )
 
     # --- logging -----------------------------------------------------------------------------
@@ -360,9 +367,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         scaler.step(optimizer)
         scaler.update()
         if ema_model is not None:
+            decay = min(cfg.ema, (1 + step) / (10 + step))  # short memory early: the EMA must not keep the random init
             with torch.no_grad():
                 for e, p in zip(ema_model.parameters(), model.parameters()):
-                    e.lerp_(p, 1.0 - cfg.ema)
+                    e.lerp_(p, 1.0 - decay)
         step += 1
         window_loss += loss_value
         window_steps += 1

@@ -1,0 +1,166 @@
+"""The files side of `a2n upscale`: inputs to jobs, output names, and one failure never stopping the rest.
+
+Rules: an output never replaces its own input, nothing existing is replaced without overwrite,
+two inputs never write the same output, and a file that is another input's output is not upscaled
+again. Every image is tried; the failures are listed at the end.
+"""
+
+from __future__ import annotations
+
+from a2n import A2NError
+
+import glob
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+from tqdm import tqdm
+
+from a2n import io
+
+if TYPE_CHECKING:
+    from a2n.model import A2N
+
+FORMAT_EXTENSIONS = {"png": ".png", "jpg": ".jpg", "webp": ".webp", "tiff": ".tiff", "bmp": ".bmp"}
+
+
+class BatchError(A2NError):
+    """Inputs or an output that make the whole command impossible, or images that failed."""
+
+
+@dataclass
+class Plan:
+    """What to do: (source, target) jobs, and inputs already settled as skipped or failed."""
+
+    jobs: list[tuple[Path, Path]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+
+def find_inputs(inputs: Sequence[str], recursive: bool = False) -> tuple[list[tuple[Path, Path | None]], list[tuple[str, str]]]:
+    """Image files named by files, folders and glob patterns, each with the folder it was found in.
+
+    Returns (file, folder or None) pairs in the order given, without repeats, and the inputs
+    that matched nothing with the reason.
+    """
+    found: list[tuple[Path, Path | None]] = []
+    failed: list[tuple[str, str]] = []
+    for arg in inputs:
+        path = Path(arg)
+        if path.is_dir():
+            files = [(f, path) for f in io.list_images(path, recursive)]
+            if not files:
+                failed.append((arg, "no images in this folder (PNG, JPEG, WebP, TIFF, BMP)" + ("" if recursive else "; pass --recursive for subfolders")))
+        elif path.is_file():
+            files = [(path, None)]
+        elif any(c in arg for c in "*?["):
+            files = [(Path(m), None) for m in sorted(glob.glob(arg, recursive=recursive))
+                     if Path(m).is_file() and Path(m).suffix.lower() in io.IMAGE_EXTENSIONS]
+            if not files:
+                failed.append((arg, "no image files match this pattern"))
+        else:
+            files = []
+            failed.append((arg, "no such file or folder"))
+        found += files
+    seen: set[Path] = set()
+    unique = []
+    for f, root in found:
+        if f.resolve() not in seen:
+            seen.add(f.resolve())
+            unique.append((f, root))
+    return unique, failed
+
+
+def make_plan(
+    inputs: Sequence[str],
+    out: str | None,
+    scale: int,
+    fmt: str | None = None,
+    suffix: str | None = None,
+    recursive: bool = False,
+    overwrite: bool = False,
+    skip_existing: bool = False,
+) -> Plan:
+    """Match every input image with its output path, applying the no-replace rules.
+
+    The output is <name><suffix>.<ext> (suffix default _x<scale>) next to the input, or inside
+    the folder out (mirroring subfolders of a folder input); out is a file when it has an image
+    extension and there is one image. ext comes from fmt, else from the input.
+    """
+    suffix = f"_x{scale}" if suffix is None else suffix
+    found, failed = find_inputs(inputs, recursive)
+    result = Plan(failed=failed)
+    out_path = Path(out) if out else None
+    out_is_file = out_path is not None and out_path.suffix.lower() in io.IMAGE_EXTENSIONS and not out_path.is_dir()
+    if out_is_file and len(found) + len(failed) > 1:
+        raise BatchError(f"{out}: names one file but {len(found) + len(failed)} inputs were given; pass a folder to -o")
+    if out_is_file and fmt and io.output_format(out_path) != io.FORMATS[FORMAT_EXTENSIONS[fmt]]:
+        raise BatchError(f"{out}: the extension does not match --format {fmt}; change one of them")
+    targets: dict[Path, Path] = {}
+    for source, root in found:
+        ext = FORMAT_EXTENSIONS[fmt] if fmt else source.suffix if source.suffix.lower() in io.IMAGE_EXTENSIONS else ".png"
+        name = f"{source.stem}{suffix}{ext}"
+        if out_path is None:
+            target = source.with_name(name)
+        elif out_is_file:
+            target = out_path
+        else:
+            target = out_path / (source.parent.relative_to(root) if root else Path()) / name
+        targets[source] = target
+    outputs = {t.resolve(): s for s, t in targets.items()}
+    claimed: dict[Path, Path] = {}
+    for source, target in targets.items():
+        key = target.resolve()
+        if source.resolve() in outputs and outputs[source.resolve()] != source:
+            result.skipped.append((str(source), f"it is the output of {outputs[source.resolve()]} in this run"))
+        elif key == source.resolve():
+            result.failed.append((str(source), "the output would replace the input; pass -o FOLDER or a non-empty --suffix"))
+        elif key in claimed:
+            result.failed.append((str(source), f"{target} is also the output of {claimed[key]}; rename one of them or use -o"))
+        elif target.exists() and skip_existing:
+            result.skipped.append((str(source), f"{target} already exists (--skip-existing)"))
+        elif target.exists() and not overwrite:
+            result.failed.append((str(source), f"{target} already exists; pass --overwrite to replace it or --skip-existing to keep it"))
+        else:
+            claimed[key] = source
+            result.jobs.append((source, target))
+    return result
+
+
+def run(
+    plan: Plan,
+    model: A2N | None,
+    fmt: str | None = None,
+    quality: int = 95,
+    tile: int | None = None,
+    max_memory: float | None = None,
+) -> None:
+    """Upscale every job, reporting each output; raise BatchError listing the failures at the end.
+
+    model may be None only when the plan has no jobs.
+    """
+    from a2n.inference import upscale_picture
+
+    failed = list(plan.failed)
+    done = 0
+    pil_format = io.FORMATS[FORMAT_EXTENSIONS[fmt]] if fmt else None
+    bar = tqdm(plan.jobs, unit="image", disable=None if len(plan.jobs) > 1 else True)
+    for source, target in bar:
+        try:
+            picture = upscale_picture(model, io.read_image(source), tile, max_memory, progress=None)
+            io.write_image(target, picture, pil_format, quality)
+            tqdm.write(f"{source} -> {target}")
+            done += 1
+        except A2NError as exc:
+            failed.append((str(source), str(exc)))
+        except MemoryError:
+            failed.append((str(source), "out of memory; pass a smaller --max-memory or --tile"))
+    bar.close()
+    for source, reason in plan.skipped:
+        tqdm.write(f"skipped {source}: {reason}")
+    if failed:
+        lines = [f"  {reason}" if reason.startswith(source) else f"  {source}: {reason}" for source, reason in failed]
+        raise BatchError(
+            f"{len(failed)} failed, {done} upscaled, {len(plan.skipped)} skipped:\n" + "\n".join(lines)
+        )
+    print(f"{done} upscaled, {len(plan.skipped)} skipped")

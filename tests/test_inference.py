@@ -1,0 +1,221 @@
+"""Tests for a2n.inference: tiled output equals the whole-image forward, tile planning, the Python API."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import a2n
+from a2n import io
+from a2n.inference import (
+    BLOCK_HALO,
+    MAX_TILE,
+    MIN_TILE,
+    ImageInputError,
+    MemoryBudgetError,
+    forward,
+    forward_tiled,
+    load_model,
+    plan_tile,
+    to_tensor,
+    upscale_array,
+    upscale_channel,
+)
+from a2n.model import A2N
+from a2n.weights import save_weights
+from conftest import BENCHMARK, OFFICIAL, need
+
+H, W = 20, 24
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """One torch thread: tiny convolutions are much faster without thread hand-offs on a busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def random_model(scale: int, variant: str = "a2n", pixel_range: float = 1.0, seed: int = 0) -> A2N:
+    """A seeded model whose branch weights depend strongly on the pooled mean (at init they barely do)."""
+    torch.manual_seed(seed)
+    model = A2N(scale=scale, variant=variant).eval()  # type: ignore[arg-type]
+    model.pixel_range = pixel_range
+    with torch.no_grad():
+        for block in model.AAB_trunk:
+            block.ADM[0].weight.mul_(30.0)
+            block.ADM[2].weight.mul_(30.0)
+    return model
+
+
+def image(h: int = H, w: int = W, seed: int = 0) -> np.ndarray:
+    """A float32 RGB test image in 0..1: a gradient plus noise."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    return np.clip(np.dstack([x / w, y / h, (x + y) / (h + w)]) * 0.7 + rng.random((h, w, 3)) * 0.3, 0, 1).astype(np.float32)
+
+
+def whole(model: A2N, img: np.ndarray) -> np.ndarray:
+    return forward(model, to_tensor(img))[0].permute(1, 2, 0).numpy()
+
+
+@pytest.mark.parametrize(
+    "scale,variant,pixel_range",
+    [(2, "a2n", 255.0), (3, "a2n", 1.0), (4, "a2n", 1.0), (2, "a2n-m", 1.0), (4, "additive", 255.0)],
+)
+def test_tiled_equals_whole_image_forward(scale: int, variant: str, pixel_range: float) -> None:
+    """Tiles that divide the image, that do not, and one larger than the image: all within 1e-4 of the forward."""
+    model = random_model(scale, variant, pixel_range)
+    img = image()
+    reference = whole(model, img)
+    for tile in (7, 10, 12, 64):
+        out = np.full((H * scale, W * scale, 3), np.nan, np.float32)
+        forward_tiled(model, to_tensor(img), out, tile)
+        assert not np.isnan(out).any(), f"tile {tile} left pixels unwritten"
+        assert np.abs(out - np.clip(reference, 0, 1)).max() <= 1e-4, f"tile {tile}"
+
+
+def test_naive_tiles_would_differ() -> None:
+    """The global mean matters: a tile run as an independent image misses the 1e-4 tolerance, even far from its edge."""
+    model = random_model(2)
+    img = image()
+    reference = whole(model, img)
+    left = whole(model, img[:, : W // 2])
+    assert np.abs(left[:, : W // 2] - reference[:, : W // 2]).max() > 1e-4
+    assert np.abs(left[:8, :8] - reference[:8, :8]).max() > 1e-4
+
+
+def test_tiled_equals_forward_with_official_weights() -> None:
+    """The official x2 weights (0..255 range) on a Set5 crop: tiled within 1e-4 of the whole-image forward."""
+    model = load_model(2, weights=need(OFFICIAL / "aan_x2.pt"))
+    lr = io.read_rgb8(need(BENCHMARK / "Set5" / "LR_bicubic" / "X2" / "babyx2.png"))[100:140, 60:108]
+    img = lr.astype(np.float32) / 255.0
+    out = np.empty((80, 96, 3), np.float32)
+    forward_tiled(model, to_tensor(img), out, 14)
+    assert np.abs(out - np.clip(whole(model, img), 0, 1)).max() <= 1e-4
+
+
+def test_block_reaches_exactly_its_halo() -> None:
+    """Changing one input pixel of an AAB block changes its output exactly BLOCK_HALO pixels around, no farther."""
+    for variant in ("a2n", "a2n-m", "additive"):
+        block = random_model(2, variant).AAB_trunk[0]
+        x = torch.randn(1, 40, 15, 15)
+        pooled = block.entry(x).mean(dim=(2, 3))
+        with torch.inference_mode():
+            base = block.mix(x, block.entry(x), pooled)
+            x2 = x.clone()
+            x2[0, :, 7, 7] += 1.0
+            changed = (block.mix(x2, block.entry(x2), pooled) - base).abs().sum(dim=1)[0] > 0
+        rows, cols = changed.nonzero(as_tuple=True)
+        assert (rows - 7).abs().max().item() == BLOCK_HALO, variant
+        assert (cols - 7).abs().max().item() == BLOCK_HALO, variant
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_upscale_array_same_for_any_tile(dtype: type) -> None:
+    """Integer images: tiled and whole results differ by at most one step (a rounding tie), and keep the dtype."""
+    model = random_model(2)
+    top = np.iinfo(dtype).max
+    img = np.round(image() * top).astype(dtype)
+    plain = upscale_array(model, img)
+    assert plain.dtype == dtype and plain.shape == (2 * H, 2 * W, 3)
+    for tile in (9, 16):
+        tiled = upscale_array(model, img, tile=tile)
+        assert np.abs(tiled.astype(np.int64) - plain.astype(np.int64)).max() <= 1
+    expected = np.clip(np.round(np.clip(whole(model, img.astype(np.float32) / top), 0, 1) * top), 0, top)
+    assert np.abs(plain.astype(np.int64) - expected).max() <= 1
+
+
+def test_plan_tile() -> None:
+    """Small images run whole; big ones get tiles within bounds; an impossible budget is a clear error."""
+    model = random_model(4)
+    assert plan_tile(180, 320, model, max_memory=4.0) is None
+    tile = plan_tile(2000, 2000, model, max_memory=2.5)
+    assert tile is not None and MIN_TILE <= tile <= MAX_TILE
+    smaller = plan_tile(2000, 2000, model, max_memory=1.9)
+    assert smaller is not None and smaller < tile
+    with pytest.raises(MemoryBudgetError, match="raise --max-memory"):
+        plan_tile(2000, 2000, model, max_memory=1.0)
+
+
+def test_upscale_channel_is_bicubic() -> None:
+    """Alpha is upscaled with Pillow's bicubic, clipped to its range, in its own dtype."""
+    alpha = np.zeros((H, W), np.uint8)
+    alpha[:, W // 2:] = 255
+    big = upscale_channel(alpha, 3)
+    expected = np.asarray(Image.fromarray(alpha.astype(np.float32)).resize((3 * W, 3 * H), Image.Resampling.BICUBIC))
+    assert big.dtype == np.uint8 and big.shape == (3 * H, 3 * W)
+    assert np.array_equal(big, np.clip(np.round(expected), 0, 255).astype(np.uint8))
+    assert big[:, :20].max() == 0 and big[:, -20:].min() == 255
+
+
+def test_api_keeps_the_kind_of_image() -> None:
+    """a2n.upscale returns what it is given: array shapes and dtypes, tensor layouts and dtypes, PIL modes."""
+    model = random_model(2)
+    rgb = image()
+    rgb8 = np.round(rgb * 255).astype(np.uint8)
+    color = upscale_array(model, rgb8)
+    cases = [
+        (rgb8, (2 * H, 2 * W, 3), np.uint8),
+        (rgb.astype(np.float64), (2 * H, 2 * W, 3), np.float64),
+        (rgb8[..., 0], (2 * H, 2 * W), np.uint8),
+        (rgb8[..., :1], (2 * H, 2 * W, 1), np.uint8),
+        ((rgb[..., :2] * 65535).astype(np.uint16), (2 * H, 2 * W, 2), np.uint16),
+        (np.dstack([rgb8, rgb8[..., 0]]), (2 * H, 2 * W, 4), np.uint8),
+    ]
+    for arr, shape, dtype in cases:
+        out = a2n.upscale(arr, model)
+        assert isinstance(out, np.ndarray) and out.shape == shape and out.dtype == dtype
+    rgba = a2n.upscale(np.dstack([rgb8, rgb8[..., 0]]), model)
+    assert np.array_equal(rgba[..., :3], color)
+    assert np.array_equal(rgba[..., 3], upscale_channel(rgb8[..., 0], 2))
+    gray = a2n.upscale(rgb8[..., 0], model)
+    gray_as_rgb = upscale_array(model, np.repeat(rgb8[..., :1], 3, axis=2))
+    assert np.array_equal(gray, np.round(gray_as_rgb.mean(axis=2, dtype=np.float32)).astype(np.uint8))
+
+    t = torch.from_numpy(rgb).permute(2, 0, 1)
+    out = a2n.upscale(t, model)
+    assert out.shape == (3, 2 * H, 2 * W) and out.dtype == torch.float32
+    assert np.abs(out.permute(1, 2, 0).numpy() - np.clip(whole(model, rgb), 0, 1)).max() <= 1e-5
+    batch = a2n.upscale(torch.stack([t, t]).mul(255).round().to(torch.uint8), model)
+    assert batch.shape == (2, 3, 2 * H, 2 * W) and batch.dtype == torch.uint8
+    assert np.array_equal(batch[1].permute(1, 2, 0).numpy(), color)
+
+    for mode, out_mode in (("RGB", "RGB"), ("RGBA", "RGBA"), ("L", "L"), ("LA", "LA"), ("P", "RGB"), ("CMYK", "RGB"), ("I;16", "I;16")):
+        pil = Image.fromarray(rgb8).convert(mode) if mode != "I;16" else Image.fromarray((rgb[..., 0] * 65535).astype(np.uint16))
+        out = a2n.upscale(pil, model)
+        assert isinstance(out, Image.Image) and out.mode == out_mode and out.size == (2 * W, 2 * H), mode
+    assert np.array_equal(np.asarray(a2n.upscale(Image.fromarray(rgb8), model)), color)
+
+
+def test_api_errors() -> None:
+    model = random_model(2)
+    with pytest.raises(ImageInputError, match="model is x2"):
+        a2n.upscale(image(), model, scale=4)
+    with pytest.raises(ImageInputError, match="cannot upscale a list"):
+        a2n.upscale([[0.0]], model)
+    with pytest.raises(ImageInputError, match="C in 1..4"):
+        a2n.upscale(np.zeros((H, W, 5), np.uint8), model)
+    with pytest.raises(ImageInputError, match="uint8, uint16 or float"):
+        a2n.upscale(np.zeros((H, W, 3), np.int32), model)
+    with pytest.raises(ImageInputError, match="positive"):
+        a2n.upscale(image(), model, tile=0)
+    assert isinstance(ImageInputError("x"), a2n.A2NError)
+
+
+def test_load_model_reads_weights(tmp_path: Path) -> None:
+    """load_model gives an eval-mode model with exactly the saved weights."""
+    model = random_model(3, seed=5)
+    save_weights(model, tmp_path / "w.safetensors")
+    loaded = load_model(3, weights=tmp_path / "w.safetensors")
+    assert not loaded.training and loaded.scale == 3
+    img = image()
+    assert np.array_equal(whole(loaded, img), whole(model, img))
+    out = a2n.upscale(np.round(img * 255).astype(np.uint8), loaded)
+    assert out.shape == (3 * H, 3 * W, 3)

@@ -1,0 +1,194 @@
+"""Tests for `a2n upscale`: output paths and no-replace rules, folders with bad files, formats, Set5 end to end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import a2n
+from a2n import io, metrics
+from a2n.cli import main
+from a2n.inference import load_model, upscale_channel
+from a2n.model import A2N
+from a2n.resize import imresize
+from a2n.weights import save_weights
+from conftest import BENCHMARK, OFFICIAL, need
+
+H, W = 20, 24
+Y, X = np.mgrid[0:H, 0:W]
+RGB8 = np.dstack([X * 10, Y * 12, (X * Y) % 256]).astype(np.uint8)
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """One torch thread (tiny images on a busy CPU), restored afterwards since --threads changes it globally."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def pixel_limit() -> Iterator[None]:
+    """Restore Pillow's decompression-bomb limit, which --max-pixels changes for the process."""
+    limit = Image.MAX_IMAGE_PIXELS
+    yield
+    Image.MAX_IMAGE_PIXELS = limit
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A seeded random x2 model saved as safetensors."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "random_x2.safetensors"
+    save_weights(A2N(scale=2), path)
+    return str(path)
+
+
+def upscale(*args: str | Path, weights: str) -> int:
+    return main(["upscale", *map(str, args), "--scale", "2", "--weights", weights])
+
+
+def test_single_file_next_to_input(tmp_path: Path, weights: str) -> None:
+    Image.fromarray(RGB8).save(tmp_path / "photo.png")
+    assert upscale(tmp_path / "photo.png", weights=weights) == 0
+    out = np.asarray(Image.open(tmp_path / "photo_x2.png"))
+    assert out.shape == (2 * H, 2 * W, 3)
+    assert np.array_equal(out, a2n.upscale(RGB8, load_model(2, weights=weights)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photo.png", "photo_x2.png"]
+
+
+def test_existing_output_is_kept_unless_asked(tmp_path: Path, weights: str, capsys: pytest.CaptureFixture) -> None:
+    Image.fromarray(RGB8).save(tmp_path / "photo.png")
+    (tmp_path / "photo_x2.png").write_bytes(b"old result")
+    assert upscale(tmp_path / "photo.png", weights=weights) == 1
+    assert "photo_x2.png already exists; pass --overwrite to replace it or --skip-existing" in capsys.readouterr().err
+    assert (tmp_path / "photo_x2.png").read_bytes() == b"old result"
+    assert upscale(tmp_path / "photo.png", "--skip-existing", weights=weights) == 0
+    assert "skipped" in capsys.readouterr().out
+    assert (tmp_path / "photo_x2.png").read_bytes() == b"old result"
+    assert upscale(tmp_path / "photo.png", "--overwrite", weights=weights) == 0
+    assert Image.open(tmp_path / "photo_x2.png").size == (2 * W, 2 * H)
+
+
+def test_output_never_replaces_its_input(tmp_path: Path, weights: str, capsys: pytest.CaptureFixture) -> None:
+    Image.fromarray(RGB8).save(tmp_path / "photo.png")
+    before = (tmp_path / "photo.png").read_bytes()
+    assert upscale(tmp_path / "photo.png", "--suffix", "", "--overwrite", weights=weights) == 1
+    assert "the output would replace the input" in capsys.readouterr().err
+    assert upscale(tmp_path / "photo.png", "--suffix", "", "--overwrite", "-o", tmp_path, weights=weights) == 1
+    assert (tmp_path / "photo.png").read_bytes() == before
+
+
+def test_folder_with_bad_files_goes_on(tmp_path: Path, weights: str, capsys: pytest.CaptureFixture) -> None:
+    """Corrupt and empty files are listed with their reason; the good images are all written; no bar off a TTY."""
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(RGB8).save(src / "a.png")
+    Image.fromarray(RGB8).save(src / "c.jpg", quality=95)
+    noisy = np.random.default_rng(0).integers(0, 256, (48, 48, 3), dtype=np.uint8)
+    Image.fromarray(noisy).save(tmp_path / "noisy.png")
+    (src / "b_corrupt.png").write_bytes((tmp_path / "noisy.png").read_bytes()[:3000])
+    (src / "d_empty.jpg").write_bytes(b"")
+    (src / "notes.txt").write_text("not an image, not an input")
+    assert upscale(src, "-o", tmp_path / "out", weights=weights) == 1
+    captured = capsys.readouterr()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a_x2.png", "c_x2.jpg"]
+    assert "2 failed, 2 upscaled, 0 skipped" in captured.err
+    assert "b_corrupt.png: corrupt, truncated or unsupported image" in captured.err
+    assert "d_empty.jpg: the file is empty (0 bytes)" in captured.err
+    assert "notes.txt" not in captured.err + captured.out
+    assert "%|" not in captured.err
+
+
+def test_output_file_name_and_format(tmp_path: Path, weights: str, capsys: pytest.CaptureFixture) -> None:
+    Image.fromarray(RGB8).save(tmp_path / "a.png")
+    Image.fromarray(RGB8).save(tmp_path / "b.png")
+    assert upscale(tmp_path / "a.png", "-o", tmp_path / "result.jpg", "--quality", "90", weights=weights) == 0
+    assert Image.open(tmp_path / "result.jpg").format == "JPEG"
+    assert upscale(tmp_path / "a.png", tmp_path / "b.png", "-o", tmp_path / "both.png", weights=weights) == 1
+    assert "both.png: names one file but 2 inputs were given; pass a folder to -o" in capsys.readouterr().err
+    assert upscale(tmp_path / "a.png", "-o", tmp_path / "x.png", "--format", "webp", weights=weights) == 1
+    assert "does not match --format webp" in capsys.readouterr().err
+    assert upscale(tmp_path / "a.png", "--format", "tiff", weights=weights) == 0
+    assert Image.open(tmp_path / "a_x2.tiff").format == "TIFF"
+
+
+def test_globs_recursion_and_own_outputs(tmp_path: Path, weights: str, capsys: pytest.CaptureFixture) -> None:
+    """Subfolders are mirrored under -o; a file that is another input's output is not upscaled again."""
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    Image.fromarray(RGB8).save(tmp_path / "in" / "a.png")
+    Image.fromarray(RGB8).save(tmp_path / "in" / "sub" / "b.png")
+    assert upscale(tmp_path / "in", "--recursive", "-o", tmp_path / "out", weights=weights) == 0
+    assert sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.png")) == ["a_x2.png", "sub/b_x2.png"]
+    assert upscale(f"{tmp_path}/in/*.png", weights=weights) == 0
+    assert (tmp_path / "in" / "a_x2.png").is_file() and not (tmp_path / "in" / "sub" / "b_x2.png").exists()
+    capsys.readouterr()
+    assert upscale(tmp_path / "in", "--skip-existing", weights=weights) == 0
+    assert "a_x2.png: it is the output of" in capsys.readouterr().out
+    assert not (tmp_path / "in" / "a_x2_x2.png").exists()
+    assert upscale(tmp_path / "nowhere", f"{tmp_path}/in/*.gif", weights=weights) == 1
+    err = capsys.readouterr().err
+    assert "nowhere: no such file or folder" in err and "*.gif: no image files match this pattern" in err
+
+
+def test_tile_option_gives_the_same_image(tmp_path: Path, weights: str) -> None:
+    Image.fromarray(RGB8).save(tmp_path / "a.png")
+    assert upscale(tmp_path / "a.png", "-o", tmp_path / "whole", weights=weights) == 0
+    assert upscale(tmp_path / "a.png", "-o", tmp_path / "tiled", "--tile", "7", "--threads", "1", weights=weights) == 0
+    whole = np.asarray(Image.open(tmp_path / "whole" / "a_x2.png")).astype(int)
+    tiled = np.asarray(Image.open(tmp_path / "tiled" / "a_x2.png")).astype(int)
+    assert np.abs(whole - tiled).max() <= 1
+
+
+def test_alpha_gray_and_16bit(tmp_path: Path, weights: str, capsys: pytest.CaptureFixture) -> None:
+    alpha = (X * 255 // (W - 1)).astype(np.uint8)
+    Image.fromarray(np.dstack([RGB8, alpha])).save(tmp_path / "rgba.png")
+    Image.fromarray(RGB8[..., 0]).save(tmp_path / "gray.png")
+    Image.fromarray((X * 2000 + Y * 300).astype(np.uint16)).save(tmp_path / "deep.png")
+    assert upscale(tmp_path / "rgba.png", tmp_path / "gray.png", tmp_path / "deep.png", "-o", tmp_path / "out", weights=weights) == 0
+    rgba = Image.open(tmp_path / "out" / "rgba_x2.png")
+    assert rgba.mode == "RGBA" and np.array_equal(np.asarray(rgba)[..., 3], upscale_channel(alpha, 2))
+    assert Image.open(tmp_path / "out" / "gray_x2.png").mode == "L"
+    deep = Image.open(tmp_path / "out" / "deep_x2.png")
+    assert deep.mode == "I;16" and deep.size == (2 * W, 2 * H)
+    assert upscale(tmp_path / "rgba.png", "--format", "jpg", weights=weights) == 1
+    assert "JPEG cannot store transparency" in capsys.readouterr().err
+
+
+def test_max_pixels(tmp_path: Path, weights: str, capsys: pytest.CaptureFixture) -> None:
+    """--max-pixels sets the decompression-bomb limit: below the image's size it refuses, at its size it passes."""
+    Image.fromarray(RGB8).save(tmp_path / "a.png")
+    assert upscale(tmp_path / "a.png", "--max-pixels", "100", weights=weights) == 1
+    assert "safety limit of 100; if you trust the file, raise the limit with --max-pixels" in capsys.readouterr().err
+    assert upscale(tmp_path / "a.png", "--max-pixels", str(H * W), weights=weights) == 0
+
+
+def test_clear_errors(tmp_path: Path, weights: str, capsys: pytest.CaptureFixture) -> None:
+    Image.fromarray(RGB8).save(tmp_path / "a.png")
+    (tmp_path / "a_file").write_text("x")
+    assert upscale(tmp_path / "a.png", "-o", tmp_path / "a_file" / "out", weights=weights) == 1
+    assert "cannot create or write to this folder" in capsys.readouterr().err
+    assert upscale(tmp_path / "a.png", "--tile", "0", weights=weights) == 1
+    assert "--tile must be a positive number" in capsys.readouterr().err
+    assert main(["upscale", str(tmp_path / "a.png"), "--scale", "4", "--weights", weights]) == 1
+    assert "pass the matching --scale" in capsys.readouterr().err
+
+
+def test_set5_end_to_end_beats_bicubic(tmp_path: Path) -> None:
+    """The official x2 weights on Set5 bird through the command (tiled): higher PSNR than bicubic against HR."""
+    lr_path = need(BENCHMARK / "Set5" / "LR_bicubic" / "X2" / "birdx2.png")
+    hr = io.read_rgb8(need(BENCHMARK / "Set5" / "HR" / "bird.png"))
+    weights = need(OFFICIAL / "aan_x2.pt")
+    assert main(["upscale", str(lr_path), "--scale", "2", "--weights", str(weights), "--tile", "64", "-o", str(tmp_path / "sr.png")]) == 0
+    sr = io.read_rgb8(tmp_path / "sr.png")
+    lr = io.read_rgb8(lr_path)
+    assert sr.shape == hr.shape
+    psnr_sr = metrics.psnr(sr, hr, shave=2)
+    psnr_bicubic = metrics.psnr(imresize(lr, 2.0), hr, shave=2)
+    assert psnr_sr > psnr_bicubic + 2.0, (psnr_sr, psnr_bicubic)
