@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from scipy.ndimage import gaussian_filter
 from torch import nn
 
 from a2n import A2NError, io, metrics
@@ -206,19 +207,24 @@ def test_lam_diffusion_grows_with_receptive_field() -> None:
     assert deep["radius_90"] > single["radius_90"]
 
 
+def window_gradient_sum(image: np.ndarray, model: nn.Module, window: tuple[int, int, int]) -> float:
+    """LAM's detector computed directly: sum of |horizontal| + |vertical| differences of the output window."""
+    x, y, size = window
+    with torch.no_grad():
+        out = model(torch.from_numpy(image.transpose(2, 0, 1)).float()[None])[0].numpy()
+    patch = out[:, y : y + size, x : x + size].astype(np.float64)
+    return float(np.abs(np.diff(patch, axis=2)).sum() + np.abs(np.diff(patch, axis=1)).sum())
+
+
 def test_lam_is_complete_for_a_linear_conv() -> None:
+    """Path integrals sum to the detector's change from the blurred baseline to the image."""
     model = conv_stack(1)
     image = smooth_image(20, 20, seed=2)
     window = (4, 6, 10)
     result = lam(model, image, window, sigma=3.0, steps=200, batch=50)
-    from a2n.analysis import _window_gradient
-    from scipy.ndimage import gaussian_filter
-
-    base = gaussian_filter(image / 255.0, (3.0, 3.0, 0), mode="reflect")
-    with torch.no_grad():
-        end = _window_gradient(model(to_tensor(image)), window).item()
-        start = _window_gradient(model(torch.from_numpy(base.transpose(2, 0, 1)).float()[None]), window).item()
-    assert result["attribution"].sum() == pytest.approx(end - start, rel=0.03)
+    baseline = gaussian_filter(image / 255.0, (3.0, 3.0, 0), mode="reflect")
+    change = window_gradient_sum(image / 255.0, model, window) - window_gradient_sum(baseline, model, window)
+    assert result["attribution"].sum() == pytest.approx(change, rel=0.03)
 
 
 @pytest.mark.parametrize("window", [(30, 0, 4), (-1, 0, 4), (0, 0, 1), (0, 29, 4)])
@@ -362,3 +368,22 @@ def test_official_forcing_matches_non_attention_and_own_values(official_x2: A2N)
     assert torch.allclose(before, own, atol=1e-5, rtol=0)
     assert torch.allclose(off, reference, atol=1e-5, rtol=0)
     assert (off - before).abs().mean() > 0.01
+
+
+def test_official_lam_spreads_wider_than_a_single_conv(official_x2: A2N) -> None:
+    lr = io.read_rgb8(need(BENCHMARK / "Set14" / "LR_bicubic" / "X2" / "barbarax2.png"))[160:192, 40:72]
+    a2n = lam(official_x2, lr, (24, 24, 16), steps=10)
+    conv = lam(conv_stack(1), lr, (12, 12, 8), steps=10)
+    assert a2n["attribution"].shape == lr.shape
+    assert 0 < conv["diffusion_index"] < a2n["diffusion_index"] <= 1
+    assert all(b.branch_weights.force_attn is None for b in official_x2.blocks)
+
+
+def test_write_numbers_csv_and_standard_json(tmp_path: Path) -> None:
+    from a2n.analysis import write_numbers
+
+    rows = [{"block": 1, "r": 0.25}, {"block": 2, "r": float("nan")}]
+    paths = write_numbers(tmp_path / "out", "t", rows, {"note": "x", "values": [1.0, float("inf")]})
+    assert [p.name for p in paths] == ["t.csv", "t.json"]
+    assert (tmp_path / "out" / "t.csv").read_text().splitlines() == ["block,r", "1,0.25", "2,nan"]
+    assert json.loads((tmp_path / "out" / "t.json").read_text()) == {"rows": [{"block": 1, "r": 0.25}, {"block": 2, "r": None}], "note": "x", "values": [1.0, None]}

@@ -104,6 +104,7 @@ def _keeper(store: dict[int, torch.Tensor], index: int) -> Callable[..., None]:
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
+    """The first image of a batch as a float32 numpy array."""
     return t[0].detach().float().cpu().contiguous().numpy()
 
 
@@ -211,6 +212,7 @@ def ablation_configs(n_blocks: int) -> list[tuple[str, list[int], float]]:
 
 
 def _scores(model: A2N, pairs: list[Pair], scale: int) -> tuple[float, float]:
+    """Mean PSNR and SSIM (Y, `scale` pixels shaved) of the model's outputs against HR."""
     sr = [(upscale_uint8(model, lr), hr) for _, hr, lr in pairs]
     return (float(np.mean([metrics.psnr(s, h, shave=scale) for s, h in sr])),
             float(np.mean([metrics.ssim(s, h, shave=scale) for s, h in sr])))
@@ -338,18 +340,24 @@ def lam(
         "steps": steps,
     }
     return {**row, "rows": [row], "input": image, "output": to_uint8(out.cpu()), "scale": scale, "window": window,
-            "attribution": attribution_np, "map": heat}
+            "centre": centre, "attribution": attribution_np, "map": heat}
+
+
+def attribution_profile(attribution_map: np.ndarray, centre: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel distances from `centre` (row, column), increasing, and the share of |attribution| within each."""
+    rows, cols = np.indices(attribution_map.shape)
+    distance = np.hypot(rows - centre[0], cols - centre[1]).ravel()
+    order = np.argsort(distance, kind="stable")
+    cumulative = np.cumsum(np.abs(attribution_map).ravel()[order])
+    return distance[order], cumulative / (cumulative[-1] or 1.0)
 
 
 def attribution_radius(attribution_map: np.ndarray, centre: tuple[float, float], share: float) -> float:
     """Smallest distance from `centre` (row, column) within which `share` of the total attribution lies."""
-    rows, cols = np.indices(attribution_map.shape)
-    distance = np.hypot(rows - centre[0], cols - centre[1]).ravel()
-    order = np.argsort(distance)
-    cumulative = np.cumsum(np.abs(attribution_map).ravel()[order])
-    if cumulative[-1] == 0:
+    if not np.any(attribution_map):
         return 0.0
-    return float(distance[order][np.searchsorted(cumulative, share * cumulative[-1])])
+    distance, cumulative = attribution_profile(attribution_map, centre)
+    return float(distance[min(int(np.searchsorted(cumulative, share)), distance.size - 1)])
 
 
 # ---------------------------------------------------------------- numbers and figures
@@ -380,6 +388,7 @@ def _finite(obj: Any) -> Any:
 
 
 def _pyplot() -> Any:
+    """matplotlib.pyplot on the non-interactive Agg backend, or a hint to install it."""
     try:
         import matplotlib
     except ImportError:
@@ -390,10 +399,11 @@ def _pyplot() -> Any:
     return plt
 
 
-def _save(fig: Any, path: str | os.PathLike) -> Path:
+def _save(fig: Any, path: str | os.PathLike, dpi: int = 110) -> Path:
+    """Write a figure as PNG and free it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=dpi)
     _pyplot().close(fig)
     return path
 
@@ -432,7 +442,7 @@ def plot_heatmap(result: dict[str, Any], path: str | os.PathLike, title: str = "
         fig.colorbar(im, cax=axes[row, 0].inset_axes([0.05, 0.55, 0.9, 0.1]), orientation="horizontal", label=label)
     fig.suptitle(title or "Attention masks per block (framed: highest and lowest mean mask)", fontsize=11)
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=0.88, wspace=0.08, hspace=0.35)
-    return _save(fig, path)
+    return _save(fig, path, dpi=80)
 
 
 def plot_highpass(result: dict[str, Any], path: str | os.PathLike, title: str = "") -> Path:
@@ -502,7 +512,7 @@ def plot_branch_weights(result: dict[str, Any], path: str | os.PathLike, title: 
 
 
 def plot_lam(result: dict[str, Any], path: str | os.PathLike, title: str = "") -> Path:
-    """The output with the window, and the attribution map over the input."""
+    """The output with its window, the attribution map over the input, and its share within each distance."""
     plt = _pyplot()
     from matplotlib.patches import Rectangle
 
@@ -515,18 +525,23 @@ def plot_lam(result: dict[str, Any], path: str | os.PathLike, title: str = "") -
     axes[0].add_patch(Rectangle((x - 0.5, y - 0.5), size, size, fill=False, color="red", lw=1.5))
     axes[0].set_title("output with the attributed window", fontsize=9)
     axes[1].imshow(gray, cmap="gray")
-    im = axes[1].imshow(np.ma.masked_less(heat, 0.01), cmap="jet", alpha=0.6, vmin=0, vmax=1)
+    im = axes[1].imshow(np.ma.masked_less(heat, 0.01), cmap="jet", alpha=0.7, vmin=0, vmax=1)
     axes[1].set_title(f"LAM over the input: DI = {result['diffusion_index']:.3f}\n"
                       f"50% / 90% of it within {result['radius_50']:.1f} / {result['radius_90']:.1f} px", fontsize=9)
-    im2 = axes[2].imshow(np.sqrt(heat), cmap="magma", vmin=0, vmax=1)
-    axes[2].set_title("attribution, square root (shows faint spread)", fontsize=9)
-    for ax in axes[1:]:
-        ax.add_patch(Rectangle((x / s - 0.5, y / s - 0.5), size / s, size / s, fill=False, color="white", lw=1))
-    for ax in axes:
+    axes[1].add_patch(Rectangle((x / s - 0.5, y / s - 0.5), size / s, size / s, fill=False, color="white", lw=1))
+    distance, share = attribution_profile(result["map"], result["centre"])
+    axes[2].plot(distance, share, color="black")
+    for radius, color in ((result["radius_50"], "tab:blue"), (result["radius_90"], "tab:red")):
+        axes[2].axvline(radius, color=color, ls="--", lw=1, label=f"{radius:.1f} px")
+    axes[2].set(xlim=(0, min(distance[-1], max(20.0, 3 * result["radius_90"]))), ylim=(0, 1.02),
+                xlabel="distance from the window centre (input pixels)", ylabel="cumulative share")
+    axes[2].set_title("share of |attribution| within a distance", fontsize=9)
+    axes[2].legend(title="50% / 90% radius", fontsize=8)
+    axes[2].grid(alpha=0.3)
+    for ax in axes[:2]:
         ax.set_xlabel("x (pixels)")
         ax.set_ylabel("y (pixels)")
     fig.colorbar(im, ax=axes[1], fraction=0.046, pad=0.02, label="|attribution| / max (under 0.01 not drawn)")
-    fig.colorbar(im2, ax=axes[2], fraction=0.046, pad=0.02, label="sqrt(|attribution| / max)")
     fig.suptitle(title or f"Local Attribution Map (blur path sigma {result['sigma']}, {result['steps']} steps)", fontsize=11)
     fig.tight_layout()
     return _save(fig, path)
