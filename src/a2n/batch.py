@@ -134,10 +134,12 @@ def run(
     quality: int = 95,
     tile: int | None = None,
     max_memory: float | None = None,
+    backend: str = "torch",
+    precision: str = "fp32",
 ) -> None:
     """Upscale every job, reporting each output; raise BatchError listing the failures at the end.
 
-    model may be None only when the plan has no jobs.
+    model may be None only when the plan has no jobs; backend and precision as in a2n.backends.
     """
     from a2n.inference import upscale_picture
 
@@ -147,7 +149,7 @@ def run(
     bar = tqdm(plan.jobs, unit="image", disable=None if len(plan.jobs) > 1 else True)
     for source, target in bar:
         try:
-            picture = upscale_picture(model, io.read_image(source), tile, max_memory, progress=None)
+            picture = upscale_picture(model, io.read_image(source), tile, max_memory, None, backend, precision)
             io.write_image(target, picture, pil_format, quality)
             tqdm.write(f"{source} -> {target}")
             done += 1

@@ -65,7 +65,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             print(f"using the shipped {args.variant} x{args.scale} weights", file=sys.stderr)
     results = []
     for d in args.data:
-        results += evaluate_folder(d, args.scale, model, save_images=args.save_images)
+        results += evaluate_folder(d, args.scale, model, save_images=args.save_images, backend=args.backend, precision=args.precision)
     print(format_table(results))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -101,7 +101,7 @@ def cmd_upscale(args: argparse.Namespace) -> None:
         io.set_max_pixels(args.max_pixels)
     plan = batch.make_plan(args.inputs, args.output, args.scale, args.format, args.suffix, args.recursive, args.overwrite, args.skip_existing)
     model = load_model(args.scale, args.variant, args.weights) if plan.jobs else None
-    batch.run(plan, model, args.format, args.quality, args.tile, args.max_memory)
+    batch.run(plan, model, args.format, args.quality, args.tile, args.max_memory, args.backend, args.precision)
 
 
 def _add_upscale_parser(sub: argparse._SubParsersAction) -> None:
@@ -122,7 +122,59 @@ def _add_upscale_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-memory", type=float, metavar="GB", help="memory budget in GiB; default: half of the memory available")
     p.add_argument("--max-pixels", type=int, metavar="N", help="refuse input images with more pixels (default: Pillow's decompression-bomb limit, about 89 million)")
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: all cores)")
+    _add_backend_options(p)
     p.set_defaults(func=cmd_upscale)
+
+
+def _add_backend_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=("auto", "torch", "onnxruntime", "openvino"), default="torch",
+                   help="runtime of the whole-image forward (tiles always run on torch, exactly); auto: the fastest "
+                        "within 45 dB of fp32, measured once per machine (default torch)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="compute precision (default fp32)")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from a2n.backends import export
+    from a2n.inference import load_model
+
+    path, diff = export(load_model(args.scale, args.variant, args.weights), args.format, args.output)
+    print(f"wrote {path} (x{args.scale}, dynamic height and width; max abs diff vs torch {diff:.1e})")
+
+
+def _add_export_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export the model to ONNX or OpenVINO IR (dynamic size), checked against torch")
+    p.add_argument("--format", choices=("onnx", "openvino"), required=True)
+    p.add_argument("--scale", type=int, choices=(2, 3, 4), required=True)
+    p.add_argument("--weights", help="weights file (.safetensors, .pt, .pth); default: the shipped weights")
+    p.add_argument("--variant", choices=("a2n", "a2n-m", "additive"), default="a2n")
+    p.add_argument("-o", "--output", required=True, metavar="PATH", help="file to write (.onnx; for openvino PATH.xml and PATH.bin)")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    try:
+        import uvicorn
+
+        from a2n.server import create_app, parse_weights
+    except ImportError as exc:
+        raise UserError(f"a2n serve needs the serve extra ({exc.name} is missing): pip install 'a2n[serve]'") from exc
+    limits = {"max_upload_bytes": round(args.max_upload_mb * 2**20) if args.max_upload_mb is not None else None,
+              "max_pixels": args.max_pixels, "workers": args.workers, "queue": args.queue}
+    app = create_app(parse_weights(args.weights), args.variant, **{k: v for k, v in limits.items() if v is not None})
+    uvicorn.run(app, host=args.host, port=args.port)
+
+
+def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="web page and HTTP API for upscaling on this computer (needs the serve extra)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this computer only)")
+    p.add_argument("--port", type=int, default=8000, help="default 8000")
+    p.add_argument("--weights", action="append", default=[], metavar="S=FILE", help="weights for scale S, repeatable (e.g. 4=best.safetensors); default: the shipped weights")
+    p.add_argument("--variant", choices=("a2n", "a2n-m", "additive"), default="a2n")
+    p.add_argument("--max-upload-mb", type=float, metavar="MB", help="largest accepted upload in MiB (default 20)")
+    p.add_argument("--max-pixels", type=int, metavar="N", help="largest accepted input image in pixels (default 4,000,000)")
+    p.add_argument("--workers", type=int, metavar="N", help="images upscaled at the same time (default 1)")
+    p.add_argument("--queue", type=int, metavar="N", help="images waiting beyond those; more get 503 with Retry-After (default 4)")
+    p.set_defaults(func=cmd_serve)
 
 
 def _analysis_model(args: argparse.Namespace) -> tuple:
@@ -277,6 +329,7 @@ def build_parser() -> Parser:
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
     p.add_argument("--save-images", metavar="DIR", help="write the super-resolved images here")
     p.add_argument("--bicubic-only", action="store_true", help="score only the bicubic baseline")
+    _add_backend_options(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("train", help="train A2N from a YAML config (torchrun for data-parallel)")
@@ -292,6 +345,8 @@ def build_parser() -> Parser:
 
     _add_analyze_parser(sub)
     _add_upscale_parser(sub)
+    _add_export_parser(sub)
+    _add_serve_parser(sub)
     return parser
 
 

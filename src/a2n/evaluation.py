@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from a2n import io, metrics
-from a2n.inference import upscale_uint8
+from a2n.inference import upscale_array
 from a2n.model import A2N
 from a2n.resize import imresize, modcrop
 
@@ -82,8 +82,10 @@ def evaluate_folder(
     model: A2N | None,
     save_images: str | os.PathLike | None = None,
     on_image: Callable[[str], None] | None = None,
+    backend: str = "torch",
+    precision: str = "fp32",
 ) -> list[DatasetResult]:
-    """Score the bicubic baseline and, when given, the model on one benchmark folder."""
+    """Score the bicubic baseline and, when given, the model (on backend at precision) on one benchmark folder."""
     data_dir = Path(data_dir)
     name = data_dir.resolve().name
     methods = ["bicubic"] + (["a2n"] if model is not None else [])
@@ -91,7 +93,7 @@ def evaluate_folder(
     for image_name, hr, lr in benchmark_pairs(data_dir, scale):
         for method in methods:
             start = time.perf_counter()
-            sr = imresize(lr, float(scale)) if method == "bicubic" else upscale_uint8(model, lr)
+            sr = imresize(lr, float(scale)) if method == "bicubic" else upscale_array(model, lr, backend=backend, precision=precision)
             results[method].seconds += time.perf_counter() - start
             if save_images is not None:
                 io.write_png(Path(save_images) / name / f"x{scale}" / method / f"{image_name}.png", sr)

@@ -205,11 +205,14 @@ def upscale_array(
     tile: int | None = None,
     max_memory: float | None = None,
     progress: bool | None = False,
+    backend: str = "torch",
+    precision: str = "fp32",
 ) -> np.ndarray:
     """Super-resolve an HxWx3 RGB array (uint8, uint16 or float in 0..1); returns the same dtype.
 
     tile is the tile side in input pixels; by default it is chosen from max_memory (GiB), and an
-    image that fits is run whole. The result is the same either way.
+    image that fits is run whole. The result is the same either way. backend and precision pick
+    the whole-image forward (a2n.backends); tiles always run on torch in fp32, exactly.
     """
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ImageInputError(f"expected an HxWx3 RGB array, got shape {rgb.shape}")
@@ -219,7 +222,9 @@ def upscale_array(
     if tile is None:
         tile = plan_tile(h, w, model, max_memory, rgb.dtype.itemsize)
     if tile is None or tile >= max(h, w):
-        return to_array(forward(model, to_tensor(rgb)), rgb.dtype)
+        from a2n.backends import get_runner
+
+        return to_array(get_runner(model, backend, precision)(to_tensor(rgb)), rgb.dtype)
     out = np.empty((h * model.scale, w * model.scale, 3), dtype=rgb.dtype)
     forward_tiled(model, to_tensor(rgb), out, tile, progress)
     return out
@@ -243,6 +248,8 @@ def upscale_pixels(
     tile: int | None = None,
     max_memory: float | None = None,
     progress: bool | None = False,
+    backend: str = "torch",
+    precision: str = "fp32",
 ) -> np.ndarray:
     """Super-resolve HxW (gray), HxWx1, HxWx2 (gray+alpha), HxWx3 (RGB) or HxWx4 (RGBA) pixels.
 
@@ -256,7 +263,7 @@ def upscale_pixels(
     if planes.ndim != 3 or planes.shape[2] not in (1, 2, 3, 4):
         raise ImageInputError(f"expected HxW or HxWxC pixels with C in 1..4, got shape {pixels.shape}")
     color = planes[..., :3] if planes.shape[2] >= 3 else np.repeat(planes[..., :1], 3, axis=2)
-    big = upscale_array(model, color, tile, max_memory, progress)
+    big = upscale_array(model, color, tile, max_memory, progress, backend, precision)
     if planes.shape[2] < 3:
         big = _mean_channel(big)
     if planes.shape[2] in (2, 4):
@@ -286,32 +293,35 @@ def upscale(
     scale: int | None = None,
     tile: int | None = None,
     max_memory: float | None = None,
+    backend: str = "torch",
+    precision: str = "fp32",
 ) -> Any:
     """Super-resolve a PIL image, a numpy array or a torch tensor and return the same kind.
 
     Arrays are HxW or HxWxC (uint8, uint16, or float in 0..1); tensors are CxHxW or NxCxHxW
     (float in 0..1, or uint8). Without a model, the shipped weights for scale (default 4) are
     loaded; with one, scale may be left out or must match it. tile and max_memory (GiB) as in
-    upscale_array; the output is the same for every tile size.
+    upscale_array; the output is the same for every tile size. backend (auto, torch, onnxruntime,
+    openvino) and precision (fp32, bf16, fp16) pick the whole-image forward, as in a2n.backends.
     """
     if model is None:
         model = load_model(scale or 4)
     elif scale is not None and scale != model.scale:
         raise ImageInputError(f"scale={scale} was asked for but the model is x{model.scale}; leave scale out or load an x{scale} model")
     if isinstance(image, np.ndarray):
-        return upscale_pixels(model, image, tile, max_memory)
+        return upscale_pixels(model, image, tile, max_memory, False, backend, precision)
     if isinstance(image, torch.Tensor):
-        return _upscale_tensor(model, image, tile, max_memory)
+        return _upscale_tensor(model, image, tile, max_memory, backend, precision)
     from PIL import Image
 
     if isinstance(image, Image.Image):
         from a2n import io
 
-        return io.to_pil(upscale_picture(model, io.from_pil(image), tile, max_memory))
+        return io.to_pil(upscale_picture(model, io.from_pil(image), tile, max_memory, False, backend, precision))
     raise ImageInputError(f"cannot upscale a {type(image).__name__}; pass a PIL image, a numpy array or a torch tensor")
 
 
-def _upscale_tensor(model: A2N, t: torch.Tensor, tile: int | None, max_memory: float | None) -> torch.Tensor:
+def _upscale_tensor(model: A2N, t: torch.Tensor, tile: int | None, max_memory: float | None, backend: str, precision: str) -> torch.Tensor:
     if t.ndim not in (3, 4) or t.shape[-3] not in (1, 2, 3, 4):
         raise ImageInputError(f"expected a CxHxW or NxCxHxW tensor with C in 1..4, got shape {tuple(t.shape)}")
     if t.dtype != torch.uint8 and not t.dtype.is_floating_point:
@@ -320,7 +330,7 @@ def _upscale_tensor(model: A2N, t: torch.Tensor, tile: int | None, max_memory: f
     outs = []
     for img in batch:
         hwc = img.detach().permute(1, 2, 0).cpu().float().numpy() if t.dtype != torch.uint8 else img.permute(1, 2, 0).cpu().numpy()
-        outs.append(torch.from_numpy(upscale_pixels(model, hwc, tile, max_memory)).permute(2, 0, 1))
+        outs.append(torch.from_numpy(upscale_pixels(model, hwc, tile, max_memory, False, backend, precision)).permute(2, 0, 1))
     out = torch.stack(outs).to(t.device, t.dtype)
     return out[0] if t.ndim == 3 else out
 
@@ -331,11 +341,13 @@ def upscale_picture(
     tile: int | None = None,
     max_memory: float | None = None,
     progress: bool | None = False,
+    backend: str = "torch",
+    precision: str = "fp32",
 ) -> Picture:
     """Super-resolve a decoded picture: pixels, alpha, and its DPI (scaled so the print size stays)."""
     from a2n import io
 
-    big = upscale_pixels(model, picture.pixels, tile, max_memory, progress)
+    big = upscale_pixels(model, picture.pixels, tile, max_memory, progress, backend, precision)
     alpha = upscale_channel(picture.alpha, model.scale) if picture.alpha is not None else None
     dpi = tuple(d * model.scale for d in picture.dpi) if picture.dpi else None
     return io.Picture(big, alpha, picture.icc_profile, dpi)  # type: ignore[arg-type]

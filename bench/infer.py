@@ -1,0 +1,164 @@
+"""Inference speed: the official-style eager forward against each of our backends and precisions.
+
+One run over the same inputs (256x256 at x4, and a 1280x720 output at x2, x3, x4); prints a
+Markdown table and writes it as the `## Inference speed` section of bench/RESULTS.md. Also times
+`a2n upscale` start-up (import and model load) in fresh processes.
+
+    python bench/infer.py --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from official_a2n import AAN  # noqa: E402
+
+from a2n import backends  # noqa: E402
+from a2n import A2NError  # noqa: E402
+from a2n.backends import fidelity_db, get_runner  # noqa: E402
+from a2n.model import A2N, count_macs  # noqa: E402
+from a2n.weights import build_model, shipped_weights_path  # noqa: E402
+
+CASES = [("256x256 input, x4", 4, 256, 256), ("1280x720 output, x2", 2, 360, 640),
+         ("1278x720 output, x3", 3, 240, 426), ("1280x720 output, x4", 4, 180, 320)]
+OURS = [("torch", "fp32"), ("torch", "bf16"), ("torch", "fp16"), ("onnxruntime", "fp32"),
+        ("openvino", "fp32"), ("openvino", "bf16"), ("openvino", "fp16")]
+RESULTS = Path(__file__).parent / "RESULTS.md"
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, repeat: int = 3) -> float:
+    """Best GFLOP/s of an n x n matmul in dtype."""
+    a, b = torch.rand(n, n).to(dtype), torch.rand(n, n).to(dtype)
+    a @ b
+    best = min(_seconds(lambda: a @ b) for _ in range(repeat))
+    return 2 * n**3 / best / 1e9
+
+
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def model_for(scale: int) -> tuple[A2N, str]:
+    """The shipped weights, or a seeded random model when there are none (speed does not depend on values)."""
+    if shipped_weights_path(scale) is not None:
+        return build_model(scale), "shipped"
+    torch.manual_seed(0)
+    return A2N(scale).eval(), "seeded random"
+
+
+def official_runner(model: A2N):
+    """The official-style network with the same weights, on 0..1 images (scaled around it like ours)."""
+    net = AAN(model.scale).eval()
+    net.load_state_dict(model.state_dict(), strict=True)
+    pr = model.pixel_range
+
+    @torch.inference_mode()
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return net(x * pr) / pr
+
+    return run
+
+
+def time_runner(run, x: torch.Tensor, repeat: int) -> tuple[float, torch.Tensor]:
+    """Best wall seconds of repeat runs after one warm-up, and the output."""
+    out = run(x)
+    return min(_seconds(lambda: run(x)) for _ in range(repeat)), out
+
+
+def startup(scale: int, weights: str | None, backend: str) -> float:
+    """Seconds for a fresh `a2n upscale` process to import and load the model (best of 3)."""
+    code = ("import time; t = time.perf_counter(); from a2n.inference import load_model; from a2n.backends import get_runner; "
+            f"m = load_model({scale}, weights={weights!r}); get_runner(m, {backend!r}); print(time.perf_counter() - t)")
+    runs = [float(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout) for _ in range(3)]
+    return min(runs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=2, help="timed runs per fast case (best is kept)")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    peak_bf16, peak_fp32 = matmul_peak(torch.bfloat16), matmul_peak(torch.float32)
+    auto = backends.choose(model_for(4)[0])
+    lines = [f"| case | forward | seconds | speed-up | GFLOP/s | % bf16 peak | fidelity (dB) |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for name, scale, h, w in CASES:
+        model, origin = model_for(scale)
+        x = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(0))
+        flops = 2 * count_macs(model, h, w)
+        base, ref = time_runner(official_runner(model), x, args.repeat)
+        _, ours = time_runner(get_runner(model, "torch", "fp32"), x, 0)
+        rows = [("official eager fp32 NCHW", base, fidelity_db(ref, ours))]
+        for backend, precision in OURS:
+            try:
+                run = get_runner(model, backend, precision)
+            except A2NError as exc:
+                rows.append((f"{backend} {precision}", None, str(exc).split(";")[0]))
+                continue
+            slow = backend == "torch" and precision != "fp32" and not backends.cpu_has_native_bf16()
+            seconds, out = time_runner(run, x, 1 if slow else args.repeat)
+            label = f"{backend} {precision}" + (" (default: auto)" if (backend, precision) == auto else "")
+            rows.append((label, seconds, fidelity_db(out, ours)))
+        for label, seconds, fid in rows:
+            if seconds is None:
+                lines.append(f"| {name} | {label} | n/a | | | | {fid} |")
+                continue
+            gflops = flops / seconds / 1e9
+            lines.append(f"| {name} | {label} | {seconds:.3f} | {base / seconds:.2f}x | {gflops:.1f} | "
+                         f"{100 * gflops / peak_bf16:.0f}% | {fid:.1f} |")
+        print("\n".join(lines[-len(rows):]), flush=True)
+        lines.append(f"| {name} | bf16 floor ({flops / 1e9:.1f} GFLOP at the bf16 peak) | {flops / peak_bf16 / 1e9:.3f} | | | | |")
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        path = shipped_weights_path(4)
+        weights = str(path) if path else f"{tmp}/x4.safetensors"
+        if not path:
+            from a2n.weights import save_weights
+
+            save_weights(A2N(4), weights)
+        starts = {b: startup(4, weights, b) for b in ("torch", "auto")}
+    header = [
+        "## Inference speed", "",
+        f"`python bench/infer.py --threads {args.threads}`, one run. Machine: {platform.machine()}, {torch.get_num_threads()} threads, "
+        f"CPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16: {backends.cpu_has_native_bf16()}; "
+        f"torch {torch.__version__}; weights: {origin}. Shared with a training job, so read times as rough.",
+        f"Matmul peak measured in this run (2048x2048): bf16 {peak_bf16:.1f} GFLOP/s, fp32 {peak_fp32:.1f} GFLOP/s. "
+        f"GFLOP/s counts 2 x the multiply-adds of convolutions and linear layers (`a2n info`). Fidelity: PSNR of "
+        f"each output against our torch fp32 output on the 0..1 scale. `auto` chose {auto[0]} {auto[1]} here.", "",
+    ]
+    footer = ["", f"Start-up of a fresh process, import + model load + runner ready (best of 3): torch {starts['torch']:.2f} s, "
+              f"auto {starts['auto']:.2f} s.", ""]
+    section = "\n".join(header + lines + footer)
+    print(section)
+    if not args.no_write:
+        write_section(section)
+
+
+def write_section(section: str) -> None:
+    """Put section into RESULTS.md in place of an earlier `## Inference speed`, or at the end."""
+    text = RESULTS.read_text()
+    start = text.find("## Inference speed")
+    if start < 0:
+        RESULTS.write_text(text.rstrip("\n") + "\n\n" + section)
+        return
+    end = text.find("\n## ", start + 1)
+    RESULTS.write_text(text[:start] + section + (text[end + 1:] if end >= 0 else ""))
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    main()

@@ -1,0 +1,302 @@
+"""Where the whole-image forward runs: torch, ONNX Runtime or OpenVINO, in fp32, bf16 or fp16.
+
+The model is exported once to ONNX with dynamic height and width (`a2n export`, or on first use
+into the cache folder, keyed by the weights), and the other runtimes load that file. Only the
+whole-image forward runs on them; an image too large for the memory budget goes through the exact
+tiled path of a2n.inference, which always runs on torch in fp32, so tiling stays exact on every
+backend. `auto` times every combination this CPU supports once, keeps the fastest whose output is
+within 45 dB PSNR of the fp32 forward, and caches the choice per machine and weights.
+"""
+
+from __future__ import annotations
+
+from a2n import A2NError
+
+import copy
+import hashlib
+import json
+import math
+import os
+import platform
+import time
+import weakref
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from a2n.model import A2N
+
+BACKENDS: tuple[str, ...] = ("auto", "torch", "onnxruntime", "openvino")
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
+FORMATS: tuple[str, ...] = ("onnx", "openvino")
+MIN_FIDELITY_DB = 45.0
+EXPORT_TOLERANCE = 1e-4
+OPSET = 17
+PROBE_SIZE = 64  # LR side of the image auto times and scores each candidate on
+OV_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+OV_CAPABILITY = {"fp32": "FP32", "bf16": "BF16", "fp16": "FP16"}
+TORCH_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+Runner = Callable[[torch.Tensor], torch.Tensor]
+
+
+class BackendError(A2NError):
+    """A backend or precision that is unknown, not installed, or not supported by this machine."""
+
+
+class ExportError(A2NError):
+    """An export whose output differs from the torch forward, or a path it cannot write."""
+
+
+def cache_dir() -> Path:
+    """The folder for exported models and the auto choice: $A2N_CACHE_DIR or ~/.cache/a2n."""
+    return Path(os.environ.get("A2N_CACHE_DIR") or Path.home() / ".cache" / "a2n")
+
+
+def weights_key(model: A2N) -> str:
+    """A short hash of the model's scale, variant, pixel range and weights."""
+    h = hashlib.sha256(f"{model.scale} {model.variant} {model.pixel_range}".encode())
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().float().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def export_onnx(model: A2N, path: str | os.PathLike) -> Path:
+    """Write the whole-image forward as ONNX (fp32, input `lr` 1x3xHxW in 0..1, dynamic H and W)."""
+    import warnings
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shadow = copy.deepcopy(model).cpu().float().eval()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            shadow, (torch.rand(1, 3, 16, 16),), str(tmp), dynamo=False, opset_version=OPSET,
+            input_names=["lr"], output_names=["sr"],
+            dynamic_axes={"lr": {2: "height", 3: "width"}, "sr": {2: "out_height", 3: "out_width"}},
+        )
+    os.replace(tmp, path)
+    return path
+
+
+def export_openvino(model: A2N, path: str | os.PathLike) -> Path:
+    """Write the whole-image forward as OpenVINO IR (path.xml and path.bin, fp32 weights)."""
+    ov = _import("openvino")
+    path = Path(path).with_suffix(".xml")
+    onnx_path = export_onnx(model, path.with_suffix(".onnx"))
+    ov.save_model(ov.Core().read_model(str(onnx_path)), str(path), compress_to_fp16=False)
+    onnx_path.unlink()
+    return path
+
+
+def export(model: A2N, fmt: str, path: str | os.PathLike) -> tuple[Path, float]:
+    """Export to onnx or openvino and check it against torch; returns the file and the max abs diff."""
+    if fmt not in FORMATS:
+        raise BackendError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    out = export_onnx(model, path) if fmt == "onnx" else export_openvino(model, path)
+    diff = verify(model, out)
+    if diff > EXPORT_TOLERANCE:
+        raise ExportError(f"{out}: the exported model differs from torch by {diff:.2e} (more than {EXPORT_TOLERANCE:g})")
+    return out, diff
+
+
+def verify(model: A2N, path: str | os.PathLike, sizes: tuple[tuple[int, int], ...] = ((24, 20), (13, 31))) -> float:
+    """Max abs difference (0..1 scale) between an exported file and the torch forward, over several sizes."""
+    path = Path(path)
+    runner = openvino_runner(path, "fp32") if path.suffix == ".xml" else onnxruntime_runner(path, "fp32")
+    ref = torch_runner(model, "fp32")
+    gen = torch.Generator().manual_seed(0)
+    return max(float((runner(x) - ref(x)).abs().max()) for x in (torch.rand(1, 3, h, w, generator=gen) for h, w in sizes))
+
+
+def _import(name: str):
+    extra = "openvino" if name == "openvino" else "onnx"
+    try:
+        return __import__(name)
+    except ImportError as exc:
+        raise BackendError(f"the {name} backend is not installed: pip install 'a2n[{extra}]'") from exc
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX); without it torch emulates bf16, slowly."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.machine() == "arm64"
+    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
+
+
+def torch_runner(model: A2N, precision: str) -> Runner:
+    """The eager torch forward, channels_last, with weights cast to the precision."""
+    dtype = TORCH_DTYPE[precision]
+    net = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
+    device = next(model.parameters()).device
+
+    @torch.inference_mode()
+    def run(x: torch.Tensor) -> torch.Tensor:
+        x = x.to(device, dtype).contiguous(memory_format=torch.channels_last)
+        return net(x).float().contiguous()
+
+    return run
+
+
+def onnxruntime_runner(path: Path, precision: str) -> Runner:
+    """An ONNX Runtime CPU session on the exported file (fp32 only: its CPU kernels have no bf16/fp16 convs)."""
+    ort = _import("onnxruntime")
+    if precision != "fp32":
+        raise BackendError(f"onnxruntime runs fp32 only on a CPU, not {precision}; use --backend openvino or torch")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(session.run(None, {"lr": x.detach().cpu().float().contiguous().numpy()})[0])
+
+    return run
+
+
+def openvino_runner(path: Path, precision: str) -> Runner:
+    """An OpenVINO CPU model compiled from the exported file at the precision; refuses one the CPU lacks."""
+    ov = _import("openvino")
+    core = ov.Core()
+    if OV_CAPABILITY[precision] not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        raise BackendError(f"this CPU has no {precision} support in OpenVINO; use --precision fp32")
+    config = {"INFERENCE_PRECISION_HINT": OV_PRECISION[precision], "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+              "PERFORMANCE_HINT": "LATENCY"}
+    compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        request = compiled.create_infer_request()
+        request.infer({0: x.detach().cpu().float().contiguous().numpy()})
+        return torch.from_numpy(np.array(request.get_output_tensor(0).data))
+
+    return run
+
+
+def cached_onnx(model: A2N) -> Path:
+    """The model's ONNX file in the cache folder, exported (and verified) on first use."""
+    path = cache_dir() / f"a2n_x{model.scale}_{weights_key(model)}.onnx"
+    if not path.is_file():
+        export_onnx(model, path)
+    return path
+
+
+_runners: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def get_runner(model: A2N, backend: str = "torch", precision: str = "fp32") -> Runner:
+    """The whole-image forward of model on backend at precision (auto: the cached fastest choice)."""
+    if backend not in BACKENDS:
+        raise BackendError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if precision not in PRECISIONS:
+        raise BackendError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if backend == "auto":
+        backend, precision = choose(model)
+    made = _runners.setdefault(model, {})
+    if (backend, precision) not in made:
+        if backend == "torch":
+            made[(backend, precision)] = torch_runner(model, precision)
+        elif backend == "onnxruntime":
+            made[(backend, precision)] = onnxruntime_runner(cached_onnx(model), precision)
+        else:
+            made[(backend, precision)] = openvino_runner(cached_onnx(model), precision)
+    return made[(backend, precision)]
+
+
+def fidelity_db(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """PSNR in dB of out against the fp32 reference, both on the 0..1 scale (inf when equal)."""
+    mse = float((out.float() - ref.float()).pow(2).mean())
+    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def candidates() -> list[tuple[str, str]]:
+    """The (backend, precision) pairs worth timing here: installed, and supported by the CPU in hardware."""
+    found = [("torch", "fp32")] + ([("torch", "bf16")] if cpu_has_native_bf16() else [])
+    try:
+        _import("onnxruntime")
+        found.append(("onnxruntime", "fp32"))
+    except BackendError:
+        pass
+    try:
+        caps = _import("openvino").Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        found += [("openvino", p) for p in PRECISIONS if OV_CAPABILITY[p] in caps]
+    except BackendError:
+        pass
+    return found
+
+
+def probe_image(size: int) -> torch.Tensor:
+    """A natural image crop (the packaged sample) as 1x3xSxS in 0..1, or seeded noise without it."""
+    from importlib import resources
+
+    sample = Path(str(resources.files("a2n"))) / "samples" / "village.png"
+    if sample.is_file():
+        from PIL import Image
+
+        rgb = np.asarray(Image.open(sample).convert("RGB"))[:size, :size]
+        if rgb.shape[:2] == (size, size):
+            return torch.from_numpy(rgb.transpose(2, 0, 1).copy()).float().div(255).unsqueeze(0)
+    return torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
+def measure(model: A2N, pairs: list[tuple[str, str]], size: int | None = None, repeat: int = 2) -> list[dict]:
+    """Seconds (best of repeat, after a warm-up) and fidelity in dB vs torch fp32 for each pair, on a PROBE_SIZE image by default."""
+    x = probe_image(size or PROBE_SIZE)
+    ref = torch_runner(model, "fp32")(x)
+    rows = []
+    for backend, precision in pairs:
+        try:
+            run = get_runner(model, backend, precision)
+            out = run(x)
+            seconds = min(_timed(run, x) for _ in range(repeat))
+            rows.append({"backend": backend, "precision": precision, "seconds": seconds, "fidelity_db": fidelity_db(out, ref)})
+        except A2NError as exc:
+            rows.append({"backend": backend, "precision": precision, "error": str(exc)})
+    return rows
+
+
+def _timed(run: Runner, x: torch.Tensor) -> float:
+    start = time.perf_counter()
+    run(x)
+    return time.perf_counter() - start
+
+
+def machine_key() -> str:
+    """What the auto choice depends on: CPU model and flags, thread count, library versions."""
+    try:
+        info = "".join(line for line in Path("/proc/cpuinfo").read_text().splitlines(True) if line.startswith(("model name", "flags")))
+    except OSError:
+        info = platform.processor()
+    versions = [torch.__version__]
+    for name in ("onnxruntime", "openvino"):
+        try:
+            versions.append(__import__(name).__version__)
+        except ImportError:
+            versions.append("-")
+    text = f"{info}|{torch.get_num_threads()}|{'|'.join(versions)}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def choose(model: A2N) -> tuple[str, str]:
+    """The fastest (backend, precision) with fidelity >= 45 dB for this machine and weights, measured once and cached."""
+    path = cache_dir() / "auto.json"
+    key = f"{machine_key()}-{weights_key(model)}"
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError):
+        table = {}
+    if key not in table:
+        rows = measure(model, candidates())
+        good = [r for r in rows if "seconds" in r and r["fidelity_db"] >= MIN_FIDELITY_DB]
+        best = min(good, key=lambda r: r["seconds"])
+        table[key] = {"backend": best["backend"], "precision": best["precision"], "measured": rows}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".auto.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(table, indent=1))
+        os.replace(tmp, path)
+    return table[key]["backend"], table[key]["precision"]

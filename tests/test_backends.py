@@ -1,0 +1,174 @@
+"""Tests for a2n.backends: ONNX/OpenVINO export with dynamic size, the runners, exact tiling on every backend, auto."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytest
+import torch
+
+import a2n
+from a2n import backends, io
+from a2n.backends import BackendError, export, fidelity_db, get_runner, verify
+from a2n.cli import main
+from a2n.inference import forward, load_model, to_tensor, upscale_array
+from a2n.model import A2N
+from a2n.weights import save_weights
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+ov = pytest.importorskip("openvino")
+
+H, W = 18, 22
+
+
+@pytest.fixture(autouse=True)
+def setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """One thread, and a fresh cache folder so that exports and the auto choice start empty."""
+    monkeypatch.setenv("A2N_CACHE_DIR", str(tmp_path / "cache"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A seeded random x2 model saved as safetensors."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "random_x2.safetensors"
+    save_weights(A2N(scale=2), path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def model(weights: str) -> A2N:
+    return load_model(2, weights=weights)
+
+
+def image(h: int = H, w: int = W, seed: int = 0) -> np.ndarray:
+    """A float32 RGB image in 0..1: a gradient plus noise."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    base = np.dstack([x / w, y / h, (x + y) / (h + w)])
+    return np.clip(base + 0.1 * rng.standard_normal((h, w, 3)), 0, 1).astype(np.float32)
+
+
+def test_onnx_export_has_dynamic_size_and_matches_torch(model: A2N, tmp_path: Path) -> None:
+    path, diff = export(model, "onnx", tmp_path / "m.onnx")
+    assert path == tmp_path / "m.onnx" and diff <= 1e-4
+    dims = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param or d.dim_value for d in dims] == [1, 3, "height", "width"]
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for h, w in ((9, 31), (40, 12)):
+        x = to_tensor(image(h, w))
+        out = session.run(None, {"lr": x.numpy()})[0]
+        assert out.shape == (1, 3, 2 * h, 2 * w)
+        assert np.abs(out - forward(model, x).numpy()).max() <= 1e-4
+
+
+def test_openvino_export_matches_torch(model: A2N, tmp_path: Path) -> None:
+    path, diff = export(model, "openvino", tmp_path / "ir" / "m")
+    assert path.suffix == ".xml" and path.with_suffix(".bin").is_file() and not path.with_suffix(".onnx").exists()
+    assert diff <= 1e-4 and verify(model, path, ((7, 5),)) <= 1e-4
+
+
+def test_export_command(weights: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    target = tmp_path / "x2.onnx"
+    assert main(["export", "--format", "onnx", "--scale", "2", "--weights", weights, "-o", str(target)]) == 0
+    assert target.is_file() and "max abs diff vs torch" in capsys.readouterr().out
+    assert main(["export", "--format", "onnx", "--scale", "4", "--weights", weights, "-o", str(target)]) == 1
+    assert "pass the matching --scale" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_backends_match_torch_whole_and_tiled(model: A2N, backend: str) -> None:
+    rgb = image()
+    ref = upscale_array(model, rgb)
+    whole = upscale_array(model, rgb, backend=backend)
+    tiled = upscale_array(model, rgb, tile=7, backend=backend)
+    assert whole.shape == (2 * H, 2 * W, 3) and np.abs(whole - ref).max() <= 1e-4
+    assert np.abs(tiled - ref).max() <= 1e-4
+
+
+def test_api_takes_backend_and_precision(model: A2N) -> None:
+    rgb8 = (image() * 255).round().astype(np.uint8)
+    ref = a2n.upscale(rgb8, model)
+    out = a2n.upscale(rgb8, model, backend="onnxruntime", precision="fp32")
+    assert out.dtype == np.uint8 and np.abs(out.astype(int) - ref).max() <= 1
+    t = torch.from_numpy(image()).permute(2, 0, 1)
+    diff = (a2n.upscale(t, model, backend="openvino") - a2n.upscale(t, model)).abs().max()
+    assert float(diff) <= 1e-4
+
+
+def test_bf16_and_fp16_fidelity(model: A2N) -> None:
+    x = to_tensor(image())
+    ref = forward(model, x)
+    assert fidelity_db(ref, ref) == float("inf")
+    bf16 = fidelity_db(get_runner(model, "torch", "bf16")(x), ref)
+    fp16 = fidelity_db(get_runner(model, "torch", "fp16")(x), ref)
+    assert 30 < bf16 < 80 and fp16 > bf16 + 10
+
+
+def test_unsupported_choices_are_clear(model: A2N, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(BackendError, match="unknown backend"):
+        get_runner(model, "tensorrt")
+    with pytest.raises(BackendError, match="unknown precision"):
+        get_runner(model, "torch", "int8")
+    with pytest.raises(BackendError, match="fp32 only"):
+        get_runner(model, "onnxruntime", "fp16")
+    if "BF16" not in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        with pytest.raises(BackendError, match="no bf16 support"):
+            get_runner(model, "openvino", "bf16")
+    real_import = backends._import
+
+    def missing(name: str):
+        if name == "openvino":
+            raise BackendError("the openvino backend is not installed: pip install 'a2n[openvino]'")
+        return real_import(name)
+
+    monkeypatch.setattr(backends, "_import", missing)
+    monkeypatch.setattr(backends, "cpu_has_native_bf16", lambda: False)
+    assert backends.candidates() == [("torch", "fp32"), ("onnxruntime", "fp32")]
+    with pytest.raises(BackendError, match=r"a2n\[openvino\]"):
+        backends.openvino_runner(Path("none.onnx"), "fp32")
+
+
+def test_auto_measures_once_and_keeps_fidelity(model: A2N, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(backends, "PROBE_SIZE", 16)
+    monkeypatch.setattr(backends, "MIN_FIDELITY_DB", 80.0)  # bf16 keeps about 57 dB on this model: leave it out
+    monkeypatch.setattr(backends, "candidates", lambda: [("torch", "fp32"), ("torch", "bf16"), ("onnxruntime", "fp32")])
+    choice = backends.choose(model)
+    table = json.loads((tmp_path / "cache" / "auto.json").read_text())
+    (entry,) = table.values()
+    rows = {(r["backend"], r["precision"]): r for r in entry["measured"]}
+    assert set(rows) == {("torch", "fp32"), ("torch", "bf16"), ("onnxruntime", "fp32")}
+    assert 30 < rows[("torch", "bf16")]["fidelity_db"] < 80 <= rows[("onnxruntime", "fp32")]["fidelity_db"]
+    assert choice in {("torch", "fp32"), ("onnxruntime", "fp32")} and rows[choice]["seconds"] > 0
+
+    def again(*_: object) -> list:
+        raise AssertionError("auto measured a second time")
+
+    monkeypatch.setattr(backends, "measure", again)
+    assert backends.choose(model) == choice
+    rgb = image()
+    assert np.abs(upscale_array(model, rgb, backend="auto") - upscale_array(model, rgb)).max() <= 1e-4
+
+
+def test_upscale_and_evaluate_commands_take_a_backend(weights: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    rgb8 = (image() * 255).round().astype(np.uint8)
+    io.write_png(tmp_path / "a.png", rgb8)
+    args = ["upscale", str(tmp_path / "a.png"), "--scale", "2", "--weights", weights, "-o"]
+    assert main([*args, str(tmp_path / "t"), "--backend", "torch"]) == 0
+    assert main([*args, str(tmp_path / "o"), "--backend", "openvino", "--precision", "fp32"]) == 0
+    a, b = io.read_rgb8(tmp_path / "t" / "a_x2.png"), io.read_rgb8(tmp_path / "o" / "a_x2.png")
+    assert a.shape == (2 * H, 2 * W, 3) and np.abs(a.astype(int) - b).max() <= 1
+    assert main([*args, str(tmp_path / "e"), "--backend", "onnxruntime", "--precision", "bf16"]) == 1
+    assert "fp32 only" in capsys.readouterr().err
+    data = tmp_path / "bench"
+    io.write_png(data / "HR" / "img.png", (image(24, 24) * 255).round().astype(np.uint8))
+    assert main(["evaluate", "--data", str(data), "--scale", "2", "--weights", weights, "--backend", "onnxruntime"]) == 0
+    assert "a2n" in capsys.readouterr().out
