@@ -170,6 +170,7 @@ def atomic_save(obj: Any, path: Path) -> None:
     """torch.save to a temporary file, then rename: a kill never leaves a truncated checkpoint."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp makes files private; weights and checkpoints are ordinary files
     try:
         torch.save(obj, tmp)
         os.replace(tmp, path)

@@ -145,6 +145,7 @@ def save_weights(model: A2N, path: str | os.PathLike, **metadata: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp makes files private; weights and checkpoints are ordinary files
     try:
         save_file(state, tmp, metadata=meta)
         os.replace(tmp, path)
