@@ -98,7 +98,7 @@ def running(app: FastAPI) -> Iterator[httpx.Client]:
 
 @pytest.fixture(scope="module")
 def client(weights: Path) -> Iterator[httpx.Client]:
-    with running(create_app({4: weights}, max_upload_bytes=MAX_UPLOAD, max_pixels=MAX_PIXELS)) as c:
+    with running(create_app({4: weights}, max_upload_bytes=MAX_UPLOAD, max_pixels=MAX_PIXELS, shipped=False)) as c:
         yield c
 
 
@@ -211,7 +211,7 @@ def test_weights_that_do_not_load_give_a_500_that_names_them(tmp_path: Path) -> 
 
 
 def test_health_reports_scales_limits_and_lazy_models(weights: Path) -> None:
-    with running(create_app({4: weights}, max_upload_bytes=MAX_UPLOAD, max_pixels=MAX_PIXELS, workers=2, queue=3)) as c:
+    with running(create_app({4: weights}, max_upload_bytes=MAX_UPLOAD, max_pixels=MAX_PIXELS, workers=2, queue=3, shipped=False)) as c:
         before = c.get("/api/health").json()
         assert post(c, encoded(rgb(12, 16))).status_code == 200
         after = c.get("/api/health").json()

@@ -34,7 +34,7 @@ def server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     torch.manual_seed(0)
     weights = tmp_path / "w_x4.safetensors"
     save_weights(A2N(4), weights)
-    server = uvicorn.Server(uvicorn.Config(create_app({4: weights}), host="127.0.0.1", port=0, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app({4: weights}, shipped=False), host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     end = time.monotonic() + 30

@@ -94,8 +94,9 @@ class BodyLimit:
 class Upscaler:
     """The models (one per scale, loaded on first use) and the bounded thread pool that runs them."""
 
-    def __init__(self, weights: Mapping[int, Path], variant: str, workers: int, queue: int) -> None:
+    def __init__(self, weights: Mapping[int, Path], variant: str, workers: int, queue: int, shipped: bool = True) -> None:
         self.weights = dict(weights)
+        self.shipped = shipped
         self.variant = variant
         self.capacity = workers + queue
         self.busy = 0
@@ -105,7 +106,7 @@ class Upscaler:
 
     def scales(self) -> list[int]:
         """The scales this server can run: weights given, or shipped with the package."""
-        return [s for s in SCALES if s in self.weights or shipped_weights_path(s, self.variant) is not None]
+        return [s for s in SCALES if s in self.weights or (self.shipped and shipped_weights_path(s, self.variant) is not None)]
 
     def model(self, scale: int) -> A2N:
         """The shared model for scale, loaded on first use (in a worker thread)."""
@@ -150,8 +151,9 @@ def create_app(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     workers: int = DEFAULT_WORKERS,
     queue: int = DEFAULT_QUEUE,
+    shipped: bool = True,
 ) -> FastAPI:
-    """The web app (page at /, API under /api, docs at /docs); scales not in weights use the shipped weights."""
+    """The web app (page at /, API under /api, docs at /docs); scales not in weights use the shipped weights unless shipped is False."""
     weights = {scale: Path(path) for scale, path in (weights or {}).items()}
     for scale, path in weights.items():
         if scale not in SCALES:
@@ -161,7 +163,7 @@ def create_app(
     for name, value, least in (("max upload bytes", max_upload_bytes, 1), ("max pixels", max_pixels, 1), ("workers", workers, 1), ("queue", queue, 0)):
         if value < least:
             raise ServeError(f"{name} must be at least {least}, got {value}")
-    upscaler = Upscaler(weights, variant, workers, queue)
+    upscaler = Upscaler(weights, variant, workers, queue, shipped)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
