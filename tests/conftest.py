@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterator
 
 import pytest
+import torch
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 BENCHMARK = SHARED / "data" / "benchmark"
@@ -16,3 +18,12 @@ def need(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is absent: this test needs the project's shared data (../shared)")
     return path
+
+
+@pytest.fixture()
+def one_thread() -> Iterator[None]:
+    """One torch thread for tiny tensors (thread hand-offs cost more than they give), restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -40,12 +40,8 @@ from conftest import BENCHMARK, OFFICIAL, need
 
 
 @pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny tensors gain nothing from threads, and on a busy machine extra threads make them far slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread: None) -> None:
+    """Every test here runs on one torch thread (see conftest.one_thread)."""
 
 
 def random_model(variant: str = "a2n", nb: int = 3, scale: int = 2, seed: int = 0) -> A2N:

@@ -34,12 +34,8 @@ H, W = 20, 24
 
 
 @pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """One torch thread: tiny convolutions are much faster without thread hand-offs on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread: None) -> None:
+    """Every test here runs on one torch thread (see conftest.one_thread)."""
 
 
 def random_model(scale: int, variant: str = "a2n", pixel_range: float = 1.0, seed: int = 0) -> A2N:

@@ -25,12 +25,8 @@ RGB8 = np.dstack([X * 10, Y * 12, (X * Y) % 256]).astype(np.uint8)
 
 
 @pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """One torch thread (tiny images on a busy CPU), restored afterwards since --threads changes it globally."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread: None) -> None:
+    """Every test here runs on one torch thread (see conftest.one_thread)."""
 
 
 @pytest.fixture(autouse=True)
