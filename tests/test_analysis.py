@@ -6,7 +6,6 @@ import csv
 import json
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
