@@ -153,11 +153,16 @@ def test_icc_profile_and_dpi_carried(tmp_path: Path, ext: str) -> None:
     assert back.size == (W, H)
 
 
-def test_icc_profile_and_dpi_carried_for_16bit_color_png(tmp_path: Path) -> None:
-    write_image(tmp_path / "out.png", Picture(RGB16, None, SRGB, (300.0, 300.0)))
-    back = Image.open(tmp_path / "out.png")
-    assert back.info.get("icc_profile") == SRGB and back.info["dpi"] == pytest.approx((300, 300), abs=0.01)
-    assert np.array_equal(cv2.imread(str(tmp_path / "out.png"), cv2.IMREAD_UNCHANGED)[..., ::-1], RGB16)
+@pytest.mark.parametrize("ext", [".png", ".tif"])
+def test_icc_profile_and_dpi_carried_for_16bit_color(tmp_path: Path, ext: str) -> None:
+    """16-bit color and RGBA keep their ICC profile and DPI, and read back bit for bit."""
+    for name, alpha in (("rgb", None), ("rgba", GRAY16)):
+        write_image(tmp_path / f"{name}{ext}", Picture(RGB16, alpha, SRGB, (300.0, 150.0)))
+        back = Image.open(tmp_path / f"{name}{ext}")
+        assert back.info.get("icc_profile") == SRGB and back.info["dpi"] == pytest.approx((300, 150), abs=0.05)  # PNG stores pixels per metre
+        p = read_image(tmp_path / f"{name}{ext}")
+        assert p.pixels.dtype == np.uint16 and np.array_equal(p.pixels, RGB16) and p.icc_profile == SRGB
+        assert (p.alpha is None) if alpha is None else np.array_equal(p.alpha, alpha)
 
 
 def test_formats_and_quality(tmp_path: Path) -> None:

@@ -153,6 +153,7 @@ def test_bad_input(tmp_path: Path) -> None:
         load_config(None, ["batch_size=big"])
     with pytest.raises(ConfigError, match="ema must be float"):
         config_from_dict({"ema": "yes"})
+    assert load_config(None, ["lr=5e-4"]).lr == 5e-4  # YAML 1.1 reads 5e-4 as a string
 
 
 def test_skipped_images_are_counted_in_the_log(tmp_path: Path) -> None:

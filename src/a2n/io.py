@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from a2n import A2NError
 
+import io
 import os
 import struct
 import uuid
@@ -245,19 +246,25 @@ def _to_depth(a: np.ndarray, dtype: type) -> np.ndarray:
 
 
 def _encode_deep(pixels: np.ndarray, alpha: np.ndarray | None, fmt: str, icc: bytes | None, dpi: tuple[float, float] | None) -> bytes:
-    """16-bit color (or gray with alpha) as PNG or TIFF bytes through OpenCV, which wants BGR(A)."""
+    """16-bit color (or gray with alpha) as PNG (OpenCV) or TIFF (tifffile) bytes, with ICC profile and DPI."""
+    rgb = pixels if pixels.ndim == 3 else np.repeat(pixels[..., None], 3, axis=2)
+    icc = icc if icc and _icc_fits(icc, gray=False) else None
+    if fmt == "TIFF":
+        import tifffile
+
+        out = io.BytesIO()
+        data = rgb if alpha is None else np.dstack([rgb, alpha])
+        tifffile.imwrite(out, np.ascontiguousarray(data), photometric="rgb", compression="zlib",
+                         extrasamples=None if alpha is None else ["unassalpha"], iccprofile=icc,
+                         resolution=dpi, resolutionunit="INCH" if dpi else None)
+        return out.getvalue()
     import cv2
 
-    rgb = pixels if pixels.ndim == 3 else np.repeat(pixels[..., None], 3, axis=2)
     bgr = rgb[..., ::-1] if alpha is None else np.dstack([rgb[..., ::-1], alpha])
-    params = []
-    if fmt == "TIFF" and dpi:
-        params = [cv2.IMWRITE_TIFF_RESUNIT, 2, cv2.IMWRITE_TIFF_XDPI, round(dpi[0]), cv2.IMWRITE_TIFF_YDPI, round(dpi[1])]
-    ok, buf = cv2.imencode(".png" if fmt == "PNG" else ".tif", np.ascontiguousarray(bgr), params)
+    ok, buf = cv2.imencode(".png", np.ascontiguousarray(bgr))
     if not ok:
         raise ImageWriteError(f"OpenCV could not encode a 16-bit {fmt} image")
-    data = buf.tobytes()
-    return _png_with_metadata(data, icc, dpi) if fmt == "PNG" else data
+    return _png_with_metadata(buf.tobytes(), icc, dpi)
 
 
 def _png_chunk(kind: bytes, body: bytes) -> bytes:

@@ -124,6 +124,11 @@ def _check_type(key: str, value: Any, default: Any, annotation: str, source: str
             return None
         raise ConfigError(f"{source}: {key} may not be empty")
     want = "list" if str(annotation).startswith("list") else type(default).__name__ if default is not None else "str"
+    if want == "float" and isinstance(value, str):
+        try:  # YAML 1.1 reads 5e-4 (no dot) as a string; a user who writes it means the number
+            value = float(value)
+        except ValueError:
+            pass
     ok = {
         "int": isinstance(value, int) and not isinstance(value, bool),
         "float": isinstance(value, (int, float)) and not isinstance(value, bool),
