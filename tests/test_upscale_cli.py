@@ -188,3 +188,57 @@ def test_set5_end_to_end_beats_bicubic(tmp_path: Path) -> None:
     psnr_sr = metrics.psnr(sr, hr, shave=2)
     psnr_bicubic = metrics.psnr(imresize(lr, 2.0), hr, shave=2)
     assert psnr_sr > psnr_bicubic + 2.0, (psnr_sr, psnr_bicubic)
+
+
+def test_shards_split_the_inputs_whatever_exists(tmp_path: Path) -> None:
+    """Each input belongs to exactly one rank, and the split does not move when outputs appear."""
+    from a2n.batch import make_plan
+
+    for i in range(7):
+        Image.fromarray(RGB8).save(tmp_path / f"im{i}.png")
+    out = tmp_path / "out"
+    plans = [make_plan([str(tmp_path)], str(out), 2, skip_existing=True, shard=(r, 3)) for r in range(3)]
+    owned = [{s.name for s, _ in p.jobs} for p in plans]
+    assert sorted(len(o) for o in owned) == [2, 2, 3] and set.union(*owned) == {f"im{i}.png" for i in range(7)}
+    out.mkdir()
+    for source, target in plans[0].jobs:  # rank 0 finishes its share before rank 1 plans
+        target.write_bytes(b"done")
+    assert [j for j in make_plan([str(tmp_path)], str(out), 2, skip_existing=True, shard=(1, 3)).jobs] == plans[1].jobs
+    assert len(make_plan([str(tmp_path)], str(out), 2, skip_existing=True, shard=(0, 3)).skipped) == len(plans[0].jobs)
+
+
+def test_torchrun_shards_a_folder_once_and_resumes(tmp_path: Path, weights: str) -> None:
+    """Two processes upscale each image exactly once; a rerun with --skip-existing redoes only what is missing."""
+    import os
+    import subprocess
+    import sys
+
+    torchrun = Path(sys.executable).parent / "torchrun"
+    if not torchrun.exists():
+        pytest.skip("torchrun is not installed next to this Python")
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    rng = np.random.default_rng(1)
+    images = {f"im{i}.png": rng.integers(0, 256, (20 + i, 24, 3), dtype=np.uint8) for i in range(5)}
+    for name, arr in images.items():
+        Image.fromarray(arr).save(src / name)
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "a2n", "upscale", str(src), "-o", str(out),
+           "--scale", "2", "--weights", weights, "--backend", "torch", "--skip-existing"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def done_lines() -> list[str]:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return [line for line in proc.stdout.splitlines() if " -> " in line]
+
+    lines = done_lines()
+    assert sorted(Path(line.split(" -> ")[0]).name for line in lines) == sorted(images)
+    model = load_model(2, weights=weights)
+    for name, arr in images.items():
+        assert np.array_equal(np.asarray(Image.open(out / name.replace(".png", "_x2.png"))), a2n.upscale(arr, model))
+    kept = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    for name in ("im1_x2.png", "im4_x2.png"):  # as if the first run had been killed before these
+        (out / name).unlink()
+    lines = done_lines()
+    assert sorted(Path(line.split(" -> ")[1]).name for line in lines) == ["im1_x2.png", "im4_x2.png"]
+    assert all((out / n).stat().st_mtime_ns == t for n, t in kept.items() if n not in ("im1_x2.png", "im4_x2.png"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 from a2n import A2NError
 
 import glob
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -80,16 +81,20 @@ def make_plan(
     recursive: bool = False,
     overwrite: bool = False,
     skip_existing: bool = False,
+    shard: tuple[int, int] = (0, 1),
 ) -> Plan:
     """Match every input image with its output path, applying the no-replace rules.
 
     The output is <name><suffix>.<ext> (suffix default _x<scale>) next to the input, or inside
     the folder out (mirroring subfolders of a folder input); out is a file when it has an image
     extension and there is one image. ext comes from fmt, else from the input.
+    shard=(rank, world) keeps every world-th input from rank on: the split depends only on the
+    inputs, never on which outputs exist yet, so processes started together each do their own share.
     """
+    rank, world = shard
     suffix = f"_x{scale}" if suffix is None else suffix
     found, failed = find_inputs(inputs, recursive)
-    result = Plan(failed=failed)
+    result = Plan(failed=failed if rank == 0 else [])
     out_path = Path(out) if out else None
     out_is_file = out_path is not None and out_path.suffix.lower() in io.IMAGE_EXTENSIONS and not out_path.is_dir()
     if out_is_file and len(found) + len(failed) > 1:
@@ -109,21 +114,27 @@ def make_plan(
         targets[source] = target
     outputs = {t.resolve(): s for s, t in targets.items()}
     claimed: dict[Path, Path] = {}
-    for source, target in targets.items():
-        key = target.resolve()
+    for i, (source, target) in enumerate(targets.items()):
+        key, mine = target.resolve(), i % world == rank
         if source.resolve() in outputs and outputs[source.resolve()] != source:
-            result.skipped.append((str(source), f"it is the output of {outputs[source.resolve()]} in this run"))
+            reason = ("skipped", f"it is the output of {outputs[source.resolve()]} in this run")
         elif key == source.resolve():
-            result.failed.append((str(source), "the output would replace the input; pass -o FOLDER or a non-empty --suffix"))
+            reason = ("failed", "the output would replace the input; pass -o FOLDER or a non-empty --suffix")
         elif key in claimed:
-            result.failed.append((str(source), f"{target} is also the output of {claimed[key]}; rename one of them or use -o"))
-        elif target.exists() and skip_existing:
-            result.skipped.append((str(source), f"{target} already exists (--skip-existing)"))
-        elif target.exists() and not overwrite:
-            result.failed.append((str(source), f"{target} already exists; pass --overwrite to replace it or --skip-existing to keep it"))
+            reason = ("failed", f"{target} is also the output of {claimed[key]}; rename one of them or use -o")
         else:
             claimed[key] = source
-            result.jobs.append((source, target))
+            if not mine:
+                continue
+            if target.exists() and skip_existing:
+                reason = ("skipped", f"{target} already exists (--skip-existing)")
+            elif target.exists() and not overwrite:
+                reason = ("failed", f"{target} already exists; pass --overwrite to replace it or --skip-existing to keep it")
+            else:
+                result.jobs.append((source, target))
+                continue
+        if mine:
+            getattr(result, reason[0]).append((str(source), reason[1]))
     return result
 
 
@@ -146,17 +157,40 @@ def run(
     failed = list(plan.failed)
     done = 0
     pil_format = io.FORMATS[FORMAT_EXTENSIONS[fmt]] if fmt else None
-    bar = tqdm(plan.jobs, unit="image", disable=None if len(plan.jobs) > 1 else True)
-    for source, target in bar:
+    bar = tqdm(total=len(plan.jobs), unit="image", disable=None if len(plan.jobs) > 1 else True)
+
+    def settle(source: Path, target: Path, work: Future) -> None:
+        nonlocal done
         try:
-            picture = upscale_picture(model, io.read_image(source), tile, max_memory, None, backend, precision)
-            io.write_image(target, picture, pil_format, quality)
+            work.result()
             tqdm.write(f"{source} -> {target}")
             done += 1
         except A2NError as exc:
             failed.append((str(source), str(exc)))
         except MemoryError:
             failed.append((str(source), "out of memory; pass a smaller --max-memory or --tile"))
+        bar.update()
+
+    # Three images in flight: the next one decoding, this one on the model, the last one encoding.
+    # Decoders, encoders and torch all release the GIL, so the threads overlap for real.
+    with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
+        reads = [reader.submit(io.read_image, source) for source, _ in plan.jobs[:1]]
+        last_write = None
+        for i, (source, target) in enumerate(plan.jobs):
+            if i + 1 < len(plan.jobs):
+                reads.append(reader.submit(io.read_image, plan.jobs[i + 1][0]))
+            try:
+                picture = upscale_picture(model, reads[i].result(), tile, max_memory, None, backend, precision)
+                write = writer.submit(io.write_image, target, picture, pil_format, quality)
+            except (A2NError, MemoryError) as exc:
+                write = Future()
+                write.set_exception(exc)
+            reads[i] = None  # the decoded input is no longer needed
+            if last_write is not None:
+                settle(*last_write)
+            last_write = (source, target, write)
+        if last_write is not None:
+            settle(*last_write)
     bar.close()
     for source, reason in plan.skipped:
         tqdm.write(f"skipped {source}: {reason}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import NoReturn, Sequence
@@ -99,7 +100,11 @@ def cmd_upscale(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     if args.max_pixels is not None:
         io.set_max_pixels(args.max_pixels)
-    plan = batch.make_plan(args.inputs, args.output, args.scale, args.format, args.suffix, args.recursive, args.overwrite, args.skip_existing)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
+    plan = batch.make_plan(args.inputs, args.output, args.scale, args.format, args.suffix, args.recursive,
+                           args.overwrite, args.skip_existing, shard=(rank, world))
+    if world > 1:
+        print(f"rank {rank} of {world}: {len(plan.jobs)} images to upscale")
     model = load_model(args.scale, args.variant, args.weights) if plan.jobs else None
     batch.run(plan, model, args.format, args.quality, args.tile, args.max_memory, args.backend, args.precision)
 
