@@ -27,3 +27,17 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Exported models and the auto backend choice go to a folder of this run, never to ~/.cache."""
+    import os
+
+    before = os.environ.get("A2N_CACHE_DIR")
+    os.environ["A2N_CACHE_DIR"] = str(tmp_path_factory.mktemp("a2n_cache"))
+    yield Path(os.environ["A2N_CACHE_DIR"])
+    if before is None:
+        del os.environ["A2N_CACHE_DIR"]
+    else:
+        os.environ["A2N_CACHE_DIR"] = before

@@ -158,6 +158,24 @@ def test_auto_measures_once_and_keeps_fidelity(model: A2N, monkeypatch: pytest.M
     assert np.abs(upscale_array(model, rgb, backend="auto") - upscale_array(model, rgb)).max() <= 1e-4
 
 
+def test_upscale_defaults_to_auto(weights: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """`a2n upscale` without --backend times the backends once, then reuses the choice; one candidate needs no timing."""
+    rgb8 = (image() * 255).round().astype(np.uint8)
+    io.write_png(tmp_path / "a.png", rgb8)
+    args = ["upscale", str(tmp_path / "a.png"), "--scale", "2", "--weights", weights, "-o"]
+    assert main([*args, str(tmp_path / "t"), "--backend", "torch"]) == 0
+    assert main([*args, str(tmp_path / "d")]) == 0
+    assert "timing" in capsys.readouterr().err and (tmp_path / "cache" / "auto.json").is_file()
+    a, b = io.read_rgb8(tmp_path / "t" / "a_x2.png"), io.read_rgb8(tmp_path / "d" / "a_x2.png")
+    assert np.abs(a.astype(int) - b).max() <= 1
+    assert main([*args, str(tmp_path / "d2")]) == 0
+    assert "timing" not in capsys.readouterr().err
+    (tmp_path / "cache" / "auto.json").unlink()
+    monkeypatch.setattr(backends, "candidates", lambda: [("torch", "fp32")])
+    assert backends.choose(load_model(2, weights=weights)) == ("torch", "fp32")
+    assert not (tmp_path / "cache" / "auto.json").exists()
+
+
 def test_upscale_and_evaluate_commands_take_a_backend(weights: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     rgb8 = (image() * 255).round().astype(np.uint8)
     io.write_png(tmp_path / "a.png", rgb8)

@@ -47,7 +47,8 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def upscale(*args: str | Path, weights: str) -> int:
-    return main(["upscale", *map(str, args), "--scale", "2", "--weights", weights])
+    """The CLI on torch, so that outputs equal a2n.upscale bit for bit (the default, auto, may pick another runtime)."""
+    return main(["upscale", *map(str, args), "--scale", "2", "--weights", weights, "--backend", "torch"])
 
 
 def test_single_file_next_to_input(tmp_path: Path, weights: str) -> None:

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import platform
+import sys
 import time
 import weakref
 from pathlib import Path
@@ -167,7 +168,7 @@ def openvino_runner(path: Path, precision: str) -> Runner:
     if OV_CAPABILITY[precision] not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
         raise BackendError(f"this CPU has no {precision} support in OpenVINO; use --precision fp32")
     config = {"INFERENCE_PRECISION_HINT": OV_PRECISION[precision], "INFERENCE_NUM_THREADS": torch.get_num_threads(),
-              "PERFORMANCE_HINT": "LATENCY"}
+              "PERFORMANCE_HINT": "LATENCY", "CACHE_DIR": str(cache_dir() / "openvino")}  # compiled once, reloaded after
     compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
 
     def run(x: torch.Tensor) -> torch.Tensor:
@@ -290,8 +291,12 @@ def choose(model: A2N) -> tuple[str, str]:
         table = json.loads(path.read_text())
     except (OSError, ValueError):
         table = {}
+    pairs = candidates()
+    if len(pairs) == 1:  # nothing to choose between (a plain install without native bf16)
+        return pairs[0]
     if key not in table:
-        rows = measure(model, candidates())
+        print(f"a2n: timing {len(pairs)} backends once for this machine and weights (kept in {path})", file=sys.stderr)
+        rows = measure(model, pairs)
         good = [r for r in rows if "seconds" in r and r["fidelity_db"] >= MIN_FIDELITY_DB]
         best = min(good, key=lambda r: r["seconds"])
         table[key] = {"backend": best["backend"], "precision": best["precision"], "measured": rows}

@@ -127,14 +127,14 @@ def _add_upscale_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-memory", type=float, metavar="GB", help="memory budget in GiB; default: half of the memory available")
     p.add_argument("--max-pixels", type=int, metavar="N", help="refuse input images with more pixels (default: Pillow's decompression-bomb limit, about 89 million)")
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: all cores)")
-    _add_backend_options(p)
+    _add_backend_options(p, default="auto")
     p.set_defaults(func=cmd_upscale)
 
 
-def _add_backend_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", choices=("auto", "torch", "onnxruntime", "openvino"), default="torch",
+def _add_backend_options(p: argparse.ArgumentParser, default: str = "torch") -> None:
+    p.add_argument("--backend", choices=("auto", "torch", "onnxruntime", "openvino"), default=default,
                    help="runtime of the whole-image forward (tiles always run on torch, exactly); auto: the fastest "
-                        "within 45 dB of fp32, measured once per machine (default torch)")
+                        f"within 45 dB of fp32, measured once per machine and weights (default {default})")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="compute precision (default fp32)")
 
 
