@@ -135,10 +135,17 @@ def test_gray_and_alpha_survive(client: httpx.Client) -> None:
     assert np.abs(out[..., 3].astype(int) - 128).max() <= 1
 
 
-def test_16_bit_gray_stays_16_bit_and_exif_orientation_is_applied(client: httpx.Client) -> None:
+def test_16_bit_stays_16_bit_and_exif_orientation_is_applied(client: httpx.Client, model: A2N) -> None:
+    import cv2
+
     gray16 = np.random.default_rng(0).integers(0, 65536, (12, 16), dtype=np.uint16)
     out = decoded(post(client, encoded(gray16)))
     assert (out.dtype, out.shape) == (np.uint16, (48, 64))
+    rgb16 = np.random.default_rng(1).integers(0, 65536, (12, 16, 3), dtype=np.uint16)
+    r = post(client, cv2.imencode(".png", rgb16[..., ::-1])[1].tobytes())
+    out = cv2.imdecode(np.frombuffer(r.content, np.uint8), cv2.IMREAD_UNCHANGED)[..., ::-1]
+    assert (out.dtype, out.shape) == (np.uint16, (48, 64, 3))
+    np.testing.assert_array_equal(out, a2n.upscale(rgb16, model))
     exif = Image.Exif()
     exif[0x0112] = 6  # stored sideways: a viewer turns it 90 degrees clockwise
     data = BytesIO()

@@ -108,14 +108,21 @@ def read_image(path: str | os.PathLike) -> Picture:
     """Decode an image file for upscaling: orientation applied, 16-bit kept, alpha split off."""
     path = Path(path)
     with _reading(path):
-        img = Image.open(path)
-        rawmode = _rawmode(img)
-        if img.mode in ("RGB", "RGBA") and ";16" in rawmode:
-            picture = _read_deep(path, gray=rawmode.startswith("LA"))
-            picture.icc_profile, picture.dpi = img.info.get("icc_profile"), img.info.get("dpi")
-        else:
-            img.load()
-            picture = from_pil(img)
+        return decode(Image.open(path), path)
+
+
+def decode(img: Image.Image, source: Path | bytes) -> Picture:
+    """Decode an opened (not yet loaded) image into a Picture; source is its file or its bytes.
+
+    Pillow truncates 16-bit color to 8 bits, so those files are decoded again from source by OpenCV.
+    """
+    rawmode = _rawmode(img)
+    if img.mode in ("RGB", "RGBA") and ";16" in rawmode:
+        picture = _read_deep(source, gray=rawmode.startswith("LA"))
+        picture.icc_profile, picture.dpi = img.info.get("icc_profile"), img.info.get("dpi")
+    else:
+        img.load()
+        picture = from_pil(img)
     orientation = img.getexif().get(ORIENTATION_TAG, 1)
     if orientation in range(2, 9):
         picture.pixels = orient(picture.pixels, orientation)
@@ -133,13 +140,15 @@ def _rawmode(img: Image.Image) -> str:
     return str(args if isinstance(args, str) else args[0])
 
 
-def _read_deep(path: Path, gray: bool) -> Picture:
-    """A 16-bit color or gray+alpha file through OpenCV, which gives BGR(A): reordered to RGB(A)."""
+def _read_deep(source: Path | bytes, gray: bool) -> Picture:
+    """A 16-bit color or gray+alpha image through OpenCV, which gives BGR(A): reordered to RGB(A)."""
     import cv2
 
-    arr = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_UNCHANGED)
+    data = np.frombuffer(source, np.uint8) if isinstance(source, bytes) else np.fromfile(source, np.uint8)
+    arr = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     if arr is None or arr.dtype != np.uint16 or arr.ndim != 3:
-        raise ImageReadError(f"{path}: corrupt or truncated 16-bit image (OpenCV could not decode it)")
+        name = "the image" if isinstance(source, bytes) else source
+        raise ImageReadError(f"{name}: corrupt or truncated 16-bit image (OpenCV could not decode it)")
     alpha = arr[..., 3].copy() if arr.shape[2] == 4 else None
     pixels = arr[..., 0].copy() if gray else np.ascontiguousarray(arr[..., 2::-1])
     return Picture(pixels, alpha)
@@ -215,14 +224,22 @@ def write_image(path: str | os.PathLike, picture: Picture, fmt: str | None = Non
     pixels, alpha = picture.pixels, picture.alpha
     if fmt in ("JPEG", "BMP") and alpha is not None:
         raise ImageWriteError(f"{path}: {fmt} cannot store transparency; write PNG, WebP or TIFF instead (--format png)")
+    data = encode_image(picture, fmt, quality)
+    _atomic_write(path, lambda f: f.write(data))
+
+
+def encode_image(picture: Picture, fmt: str, quality: int = 95) -> bytes:
+    """A Picture as the bytes of a PNG, TIFF, JPEG, WebP or BMP file (fmt as Pillow names it).
+
+    PNG and TIFF keep 16 bits; the others get 8. ICC profile and DPI go wherever the format has room.
+    """
+    pixels, alpha = picture.pixels, picture.alpha
     depth = np.uint16 if fmt in ("PNG", "TIFF") and pixels.dtype != np.uint8 else np.uint8
     pixels, alpha = _to_depth(pixels, depth), _to_depth(alpha, depth) if alpha is not None else None
     if fmt == "WEBP" and pixels.ndim == 2:
         pixels = np.repeat(pixels[..., None], 3, axis=2)
     if depth == np.uint16 and (pixels.ndim == 3 or alpha is not None):
-        data = _encode_deep(pixels, alpha, fmt, picture.icc_profile, picture.dpi)
-        _atomic_write(path, lambda f: f.write(data))
-        return
+        return _encode_deep(pixels, alpha, fmt, picture.icc_profile, picture.dpi)
     img = to_pil(Picture(pixels, alpha, picture.icc_profile, picture.dpi))
     params: dict = {"format": fmt}
     if "icc_profile" in img.info and fmt != "BMP":
@@ -233,7 +250,9 @@ def write_image(path: str | os.PathLike, picture: Picture, fmt: str | None = Non
         params["quality"] = quality
     if fmt == "TIFF":
         params["compression"] = "tiff_deflate"
-    _atomic_write(path, lambda f: img.save(f, **params))
+    out = io.BytesIO()
+    img.save(out, **params)
+    return out.getvalue()
 
 
 def _to_depth(a: np.ndarray, dtype: type) -> np.ndarray:

@@ -21,13 +21,12 @@ from io import BytesIO
 from pathlib import Path
 from typing import Annotated, Any, AsyncIterator, Callable, Literal, Mapping, Sequence
 
-import numpy as np
 from fastapi import APIRouter, FastAPI, File, Form, Request, UploadFile
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -249,11 +248,12 @@ async def upscale(
     factor = int(scale)
     if factor not in upscaler.scales():
         raise HTTPException(422, f"scale: this server has no weights for x{factor}; it offers {_list(upscaler.scales())} (start it with --weights {factor}=FILE)")
-    img = open_upload(await file.read(), request.app.state.max_pixels)
+    data = await file.read()
+    img = open_upload(data, request.app.state.max_pixels)
     pil_format, media = OUTPUT_FORMATS[fmt]
     if pil_format == "JPEG" and (img.mode in io.ALPHA_MODES or "transparency" in img.info):
         raise HTTPException(422, "format: JPEG cannot store this image's transparency; ask for png or webp")
-    body = await upscaler.run(process, upscaler, img, factor, pil_format)
+    body = await upscaler.run(process, upscaler, img, data, factor, pil_format)
     name = f"{_safe_stem(file.filename)}_x{factor}.{fmt}"
     return Response(body, media_type=media, headers={"Content-Disposition": f'inline; filename="{name}"'})
 
@@ -275,31 +275,13 @@ def open_upload(data: bytes, max_pixels: int) -> Image.Image:
     return img
 
 
-def process(upscaler: Upscaler, img: Image.Image, scale: int, fmt: str) -> bytes:
-    """Decode, upscale and encode one image (runs in a worker thread)."""
+def process(upscaler: Upscaler, img: Image.Image, data: bytes, scale: int, fmt: str) -> bytes:
+    """Decode, upscale and encode one image (runs in a worker thread); 16-bit stays 16-bit in PNG."""
     try:
-        img.load()
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        picture = io.decode(img, data)
+    except (OSError, SyntaxError, ValueError, EOFError, io.ImageReadError) as exc:
         raise HTTPException(415, f"a corrupt or truncated {img.format} image ({exc})") from exc
-    picture = upscale_picture(upscaler.model(scale), io.from_pil(ImageOps.exif_transpose(img)))
-    return encode(picture, fmt)
-
-
-def encode(picture: io.Picture, fmt: str) -> bytes:
-    """A picture as PNG, JPEG or WebP bytes: PNG keeps 16-bit gray, everything else is 8-bit."""
-    pixels, alpha = picture.pixels, picture.alpha
-    depth = np.uint16 if fmt == "PNG" and pixels.dtype != np.uint8 and pixels.ndim == 2 and alpha is None else np.uint8
-    img = io.to_pil(io.Picture(io._to_depth(pixels, depth), io._to_depth(alpha, depth) if alpha is not None else None, picture.icc_profile, picture.dpi))
-    params: dict[str, Any] = {"format": fmt}
-    if "icc_profile" in img.info:
-        params["icc_profile"] = img.info["icc_profile"]
-    if picture.dpi and fmt != "WEBP":
-        params["dpi"] = picture.dpi
-    if fmt in ("JPEG", "WEBP"):
-        params["quality"] = QUALITY
-    out = BytesIO()
-    img.save(out, **params)
-    return out.getvalue()
+    return io.encode_image(upscale_picture(upscaler.model(scale), picture), fmt, QUALITY)
 
 
 def _safe_stem(filename: str | None) -> str:
