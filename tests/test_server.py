@@ -234,7 +234,10 @@ def test_openapi_describes_the_upload_form(client: httpx.Client) -> None:
     schema = spec["components"]["schemas"][body["multipart/form-data"]["schema"]["$ref"].split("/")[-1]]
     assert set(schema["properties"]) == {"file", "scale", "format"}
     assert spec["components"]["schemas"]["Scale"]["enum"] == [2, 3, 4]
-    assert client.get("/docs").status_code == 200
+    page = client.get("/docs")
+    assert page.status_code == 200 and "cdn" not in page.text and "/docs-assets/swagger-ui-bundle.js" in page.text
+    assert client.get("/docs-assets/swagger-ui-bundle.js").status_code == 200
+    assert client.get("/docs-assets/swagger-ui.css").status_code == 200
 
 
 def test_page_uses_only_bundled_assets(client: httpx.Client) -> None:

@@ -21,10 +21,12 @@ from io import BytesIO
 from pathlib import Path
 from typing import Annotated, Any, AsyncIterator, Callable, Literal, Mapping, Sequence
 
+import swagger_ui_bundle
 from fastapi import APIRouter, FastAPI, File, Form, Request, UploadFile
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image, UnidentifiedImageError
 from starlette.datastructures import Headers
@@ -174,6 +176,7 @@ def create_app(
         version=__version__,
         description="Image super-resolution with A2N. POST an image to /api/upscale; the page at / does it for people.",
         lifespan=lifespan,
+        docs_url=None,  # served below from the swagger-ui-bundle package, not from a CDN
     )
     app.state.upscaler = upscaler
     app.state.max_upload_bytes = max_upload_bytes
@@ -184,7 +187,15 @@ def create_app(
     app.add_middleware(BodyLimit, max_bytes=max_upload_bytes)
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.mount("/docs-assets", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="docs-assets")
     return app
+
+
+@router.get("/docs", include_in_schema=False)
+async def api_docs() -> HTMLResponse:
+    """FastAPI's Swagger UI page, with its script and style from this server, so it works offline."""
+    return get_swagger_ui_html(openapi_url="/openapi.json", title="a2n API", swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+                               swagger_css_url="/docs-assets/swagger-ui.css", swagger_favicon_url="/docs-assets/favicon-32x32.png")
 
 
 async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
