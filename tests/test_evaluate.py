@@ -51,3 +51,20 @@ def test_reference_set5(scale: int, tmp_path: Path, capsys: pytest.CaptureFixtur
 @pytest.mark.parametrize("scale", [2, 3])
 def test_reference_set14_b100(dataset: str, scale: int, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     check_reference(dataset, scale, tmp_path, capsys)
+
+
+@pytest.mark.parametrize("scale", [2, 3, 4])
+def test_shipped_weights_beat_bicubic(scale: int, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`a2n evaluate` without --weights scores the shipped file as recorded when it shipped, well above bicubic."""
+    from safetensors import safe_open
+
+    from a2n.weights import shipped_weights_path
+
+    data = need(BENCHMARK / "Set5")
+    out = tmp_path / "r.json"
+    assert main(["evaluate", "--data", str(data), "--scale", str(scale), "--json", str(out)]) == 0
+    bicubic, ours = json.loads(out.read_text())["results"]
+    with safe_open(str(shipped_weights_path(scale, "a2n")), framework="pt") as f:
+        recorded = float(f.metadata()["set5_psnr"])
+    assert abs(ours["psnr"] - recorded) <= 0.005, (ours["psnr"], recorded)
+    assert ours["psnr"] > bicubic["psnr"] + 1.5
