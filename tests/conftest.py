@@ -41,3 +41,15 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         del os.environ["A2N_CACHE_DIR"]
     else:
         os.environ["A2N_CACHE_DIR"] = before
+
+
+@pytest.fixture(scope="session")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A seeded random x2 model saved as safetensors (modules that need other weights define their own)."""
+    from a2n.model import A2N
+    from a2n.weights import save_weights
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "random_x2.safetensors"
+    save_weights(A2N(scale=2), path)
+    return str(path)

@@ -16,7 +16,6 @@ from a2n.backends import BackendError, export, fidelity_db, get_runner, verify
 from a2n.cli import main
 from a2n.inference import forward, load_model, to_tensor, upscale_array
 from a2n.model import A2N
-from a2n.weights import save_weights
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -33,15 +32,6 @@ def setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A seeded random x2 model saved as safetensors."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("weights") / "random_x2.safetensors"
-    save_weights(A2N(scale=2), path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")

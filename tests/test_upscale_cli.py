@@ -7,16 +7,13 @@ from typing import Iterator
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import a2n
 from a2n import io, metrics
 from a2n.cli import main
 from a2n.inference import load_model, upscale_channel
-from a2n.model import A2N
 from a2n.resize import imresize
-from a2n.weights import save_weights
 from conftest import BENCHMARK, OFFICIAL, need
 
 H, W = 20, 24
@@ -35,15 +32,6 @@ def pixel_limit() -> Iterator[None]:
     limit = Image.MAX_IMAGE_PIXELS
     yield
     Image.MAX_IMAGE_PIXELS = limit
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A seeded random x2 model saved as safetensors."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("weights") / "random_x2.safetensors"
-    save_weights(A2N(scale=2), path)
-    return str(path)
 
 
 def upscale(*args: str | Path, weights: str) -> int:

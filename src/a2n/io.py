@@ -221,8 +221,7 @@ def write_image(path: str | os.PathLike, picture: Picture, fmt: str | None = Non
     """
     path = Path(path)
     fmt = fmt or output_format(path)
-    pixels, alpha = picture.pixels, picture.alpha
-    if fmt in ("JPEG", "BMP") and alpha is not None:
+    if fmt in ("JPEG", "BMP") and picture.alpha is not None:
         raise ImageWriteError(f"{path}: {fmt} cannot store transparency; write PNG, WebP or TIFF instead (--format png)")
     data = encode_image(picture, fmt, quality)
     _atomic_write(path, lambda f: f.write(data))
