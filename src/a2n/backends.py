@@ -188,6 +188,7 @@ def cached_onnx(model: A2N) -> Path:
 
 
 _runners: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_choices: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # auto's pick per model, so a folder looks it up once
 
 
 def get_runner(model: A2N, backend: str = "torch", precision: str = "fp32") -> Runner:
@@ -197,7 +198,9 @@ def get_runner(model: A2N, backend: str = "torch", precision: str = "fp32") -> R
     if precision not in PRECISIONS:
         raise BackendError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if backend == "auto":
-        backend, precision = choose(model)
+        if model not in _choices:
+            _choices[model] = choose(model)
+        backend, precision = _choices[model]
     made = _runners.setdefault(model, {})
     if (backend, precision) not in made:
         if backend == "torch":
