@@ -13,6 +13,7 @@ import argparse
 import platform
 import tempfile
 import time
+from functools import partial
 from importlib import resources
 from pathlib import Path
 
@@ -60,7 +61,7 @@ def main() -> None:
             if name == "one at a time":
                 one_at_a_time(plan, model, args.backend)
             else:
-                batch.run(plan, model, backend=args.backend)
+                batch.run(plan, partial(upscale_picture, model, backend=args.backend))
             seconds[name] = time.perf_counter() - start
     base = seconds["one at a time"]
     print(f"\n{args.images} images {width}x{height} -> x{args.scale} PNG, backend {args.backend}, "

@@ -1,8 +1,8 @@
 """Inference speed: the official-style eager forward against each of our backends and precisions.
 
 One run over the same inputs (256x256 at x4, and a 1280x720 output at x2, x3, x4); prints a
-Markdown table and writes it as the `## Inference speed` section of bench/RESULTS.md. Also times
-`a2n upscale` start-up (import and model load) in fresh processes.
+Markdown table and writes it as the `## Inference speed` section of bench/RESULTS.md. Start-up
+is measured by bench/startup.py.
 
     python bench/infer.py --threads 2
 """
@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import argparse
 import platform
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -79,14 +77,6 @@ def time_runner(run, x: torch.Tensor, repeat: int) -> tuple[float, torch.Tensor]
     return min(_seconds(lambda: run(x)) for _ in range(repeat)), out
 
 
-def startup(scale: int, weights: str | None, backend: str) -> float:
-    """Seconds for a fresh `a2n upscale` process to import and load the model (best of 3)."""
-    code = ("import time; t = time.perf_counter(); from a2n.inference import load_model; from a2n.backends import get_runner; "
-            f"m = load_model({scale}, weights={weights!r}); get_runner(m, {backend!r}); print(time.perf_counter() - t)")
-    runs = [float(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout) for _ in range(3)]
-    return min(runs)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -129,15 +119,6 @@ def main() -> None:
                          f"{100 * gflops / peak_bf16:.0f}% | {100 * gflops / peak_fp32:.0f}% | {fid:.1f} |")
         print("\n".join(lines[-len(rows):]), flush=True)
         lines.append(f"| {name} | floor: {flops / 1e9:.1f} GFLOP at the bf16 / fp32 matmul peak | {flops / peak_bf16 / 1e9:.3f} / {flops / peak_fp32 / 1e9:.3f} | | | | | |")
-    with tempfile.TemporaryDirectory() as tmp:
-        torch.manual_seed(0)
-        path = shipped_weights_path(4)
-        weights = str(path) if path else f"{tmp}/x4.safetensors"
-        if not path:
-            from a2n.weights import save_weights
-
-            save_weights(A2N(4), weights)
-        starts = {b: startup(4, weights, b) for b in ("torch", "auto")}
     header = [
         "## Inference speed", "",
         f"`python bench/infer.py --threads {args.threads}`, one run. Machine: {platform.machine()}, {torch.get_num_threads()} threads, "
@@ -147,8 +128,7 @@ def main() -> None:
         f"GFLOP/s counts 2 x the multiply-adds of convolutions and linear layers (`a2n info`). Fidelity: PSNR of "
         f"each output against our torch fp32 output on the 0..1 scale. `auto` chose {auto[0]} {auto[1]} here.", "",
     ]
-    footer = ["", f"Start-up of a fresh process, import + model load + runner ready (best of 3): torch {starts['torch']:.2f} s, "
-              f"auto {starts['auto']:.2f} s.", ""]
+    footer = ["", "Start-up of `a2n upscale`: see Start-up below (`bench/startup.py`).", ""]
     section = "\n".join(header + lines + footer)
     print(section)
     if not args.no_write:

@@ -2,10 +2,12 @@
 
 Each run is a separate process; its peak RSS comes from the kernel (wait4). A plain whole-image
 forward is measured on a 500x500 input, where it still fits; its growth over the baseline (an
-8x8 input: Python, torch and the model) is scaled to 2000x2000 by pixel count (it is linear). Uses the shipped x4 weights when present, else seeded random ones
-(memory and time do not depend on the values). Prints a Markdown table for bench/RESULTS.md.
+8x8 input: Python, torch and the model) is scaled to 2000x2000 by pixel count (it is linear).
+--backend onnxruntime or openvino measures their whole-image forward instead of torch's. Uses the
+shipped x4 weights when present, else seeded random ones (memory and time do not depend on the
+values). Prints a Markdown table for bench/RESULTS.md.
 
-    python bench/memory.py [--threads N] [--skip-large]
+    python bench/memory.py [--threads N] [--skip-large] [--backend torch|onnxruntime|openvino]
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, help="torch threads for a2n upscale (default: torch's)")
     parser.add_argument("--skip-large", action="store_true", help="leave out the 2000x2000 input")
+    parser.add_argument("--backend", default="torch", help="backend of the whole-image forwards (tiles run on torch)")
     opts = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
@@ -57,7 +60,7 @@ def main() -> None:
             torch.manual_seed(0)
             weights = tmp_path / "random_x4.safetensors"
             save_weights(A2N(scale=4), weights)
-        common = ["--scale", "4", "--weights", str(weights), "--overwrite"]
+        common = ["--scale", "4", "--weights", str(weights), "--overwrite", "--backend", opts.backend]
         if opts.threads:
             common += ["--threads", str(opts.threads)]
         cases = [("baseline: 32x32 output (8x8 input)", 8, 8, [])]
@@ -73,7 +76,7 @@ def main() -> None:
             rows.append((name, rss, seconds))
             print(f"{name}: peak RSS {rss:.2f} GiB, {seconds:.1f} s", file=sys.stderr, flush=True)
     base, plain = rows[0][1], rows[2][1]
-    print(f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+    print(f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, backend {opts.backend}, "
           f"threads {opts.threads or torch.get_num_threads()}, weights {'shipped' if shipped_weights_path(4) else 'random'} x4\n")
     print("| case | peak RSS (GiB) | time (s) |")
     print("| --- | ---: | ---: |")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 import a2n
-from a2n import backends, io
+from a2n import backends, inference, io
 from a2n.backends import BackendError, export, fidelity_db, get_runner, verify
 from a2n.cli import main
 from a2n.inference import forward, load_model, to_tensor, upscale_array
@@ -180,3 +181,34 @@ def test_upscale_and_evaluate_commands_take_a_backend(weights: str, tmp_path: Pa
     io.write_png(data / "HR" / "img.png", (image(24, 24) * 255).round().astype(np.uint8))
     assert main(["evaluate", "--data", str(data), "--scale", "2", "--weights", weights, "--backend", "onnxruntime"]) == 0
     assert "a2n" in capsys.readouterr().out
+
+
+def test_later_upscales_skip_torch(weights: str, tmp_path: Path) -> None:
+    """Once a weights file has run on ONNX Runtime, `a2n upscale` with the same options runs without importing torch,
+    and gives the same bytes; an image over the memory budget still takes the exact tiled path on torch."""
+    import subprocess
+    import sys
+
+    rgb8 = (image(64, 64) * 255).round().astype(np.uint8)
+    io.write_png(tmp_path / "a.png", rgb8)
+    args = ["upscale", str(tmp_path / "a.png"), "--scale", "2", "--weights", weights, "--backend", "onnxruntime", "-o"]
+    assert main([*args, str(tmp_path / "first")]) == 0
+    (entry,) = json.loads((tmp_path / "cache" / "express.json").read_text()).values()
+    assert entry["backend"] == "onnxruntime" and Path(entry["onnx"]).is_file()
+    code = ("import sys; from a2n.cli import main; code = main(sys.argv[1:]); "
+            "print('torch imported' if 'torch' in sys.modules else 'no torch'); sys.exit(code)")
+
+    def again(out: str, *extra: str) -> str:
+        done = subprocess.run([sys.executable, "-c", code, *args, str(tmp_path / out), *extra],
+                              capture_output=True, text=True, env={**os.environ, "A2N_CACHE_DIR": str(tmp_path / "cache")})
+        assert done.returncode == 0, done.stderr
+        return done.stdout.splitlines()[-1]
+
+    assert again("second") == "no torch"
+    assert (tmp_path / "second" / "a_x2.png").read_bytes() == (tmp_path / "first" / "a_x2.png").read_bytes()
+    assert again("tiled", "--max-memory", "0.007") == "torch imported"  # 9 MB for one forward; tiles fit in 7.5 MB
+    model = load_model(2, weights=weights)
+    assert inference.plan_tile(64, 64, model, 0.007) is not None
+    assert np.array_equal(io.read_rgb8(tmp_path / "tiled" / "a_x2.png"), upscale_array(model, rgb8, max_memory=0.007))
+    assert again("torch", "--threads", "1") == "torch imported"  # other options: not recorded yet
+    assert len(json.loads((tmp_path / "cache" / "express.json").read_text())) == 2

@@ -23,9 +23,9 @@ from a2n.inference import (
     plan_tile,
     to_tensor,
     upscale_array,
-    upscale_channel,
 )
 from a2n.model import A2N
+from a2n.pixels import upscale_channel
 from a2n.weights import save_weights
 from conftest import BENCHMARK, OFFICIAL, need
 

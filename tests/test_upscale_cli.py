@@ -12,7 +12,8 @@ from PIL import Image
 import a2n
 from a2n import io, metrics
 from a2n.cli import main
-from a2n.inference import load_model, upscale_channel
+from a2n.inference import load_model
+from a2n.pixels import upscale_channel
 from a2n.resize import imresize
 from conftest import BENCHMARK, OFFICIAL, need
 

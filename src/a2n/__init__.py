@@ -1,10 +1,20 @@
 """a2n: image super-resolution with the Attention in Attention Network (A2N)."""
 
+from __future__ import annotations
+
+from pathlib import Path
+
 __version__ = "0.1.0"
 
 
 class A2NError(Exception):
     """Base of the errors a user can fix; the command line prints them as one line."""
+
+
+def shipped_weights_path(scale: int, variant: str = "a2n") -> Path | None:
+    """The weights this package ships for (scale, variant), or None when there are none."""
+    path = Path(__file__).parent / "pretrained" / f"{variant}_x{scale}.safetensors"
+    return path if path.is_file() else None
 
 
 def __getattr__(name: str):

@@ -6,6 +6,11 @@ whole-image forward runs on them; an image too large for the memory budget goes 
 tiled path of a2n.inference, which always runs on torch in fp32, so tiling stays exact on every
 backend. `auto` times every combination this CPU supports once, keeps the fastest whose output is
 within 45 dB PSNR of the fp32 forward, and caches the choice per machine and weights.
+
+Importing torch takes over a second, so once `a2n upscale` has run a weights file on ONNX Runtime
+or OpenVINO, it records that in the cache (express.json), and later runs with the same file and
+options go straight from the cached export to the runtime without importing torch at all
+(`express_upscaler`); an image too large for one forward still takes the exact tiled path on torch.
 """
 
 from __future__ import annotations
@@ -21,13 +26,19 @@ import platform
 import sys
 import time
 import weakref
+from importlib import metadata
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-import torch
 
-from a2n.model import A2N
+from a2n import memory, pixels
+
+if TYPE_CHECKING:
+    import torch
+
+    from a2n.io import Picture
+    from a2n.model import A2N
 
 BACKENDS: tuple[str, ...] = ("auto", "torch", "onnxruntime", "openvino")
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
@@ -38,9 +49,9 @@ OPSET = 17
 PROBE_SIZE = 64  # LR side of the image auto times and scores each candidate on
 OV_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
 OV_CAPABILITY = {"fp32": "FP32", "bf16": "BF16", "fp16": "FP16"}
-TORCH_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-Runner = Callable[[torch.Tensor], torch.Tensor]
+Runner = Callable[["torch.Tensor"], "torch.Tensor"]
+Forward = Callable[[np.ndarray], np.ndarray]  # 1x3xHxW float32 in 0..1 -> 1x3x(sH)x(sW)
 
 
 class BackendError(A2NError):
@@ -68,6 +79,8 @@ def weights_key(model: A2N) -> str:
 def export_onnx(model: A2N, path: str | os.PathLike) -> Path:
     """Write the whole-image forward as ONNX (fp32, input `lr` 1x3xHxW in 0..1, dynamic H and W)."""
     import warnings
+
+    import torch
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -107,6 +120,8 @@ def export(model: A2N, fmt: str, path: str | os.PathLike) -> tuple[Path, float]:
 
 def verify(model: A2N, path: str | os.PathLike, sizes: tuple[tuple[int, int], ...] = ((24, 20), (13, 31))) -> float:
     """Max abs difference (0..1 scale) between an exported file and the torch forward, over several sizes."""
+    import torch
+
     path = Path(path)
     runner = openvino_runner(path, "fp32") if path.suffix == ".xml" else onnxruntime_runner(path, "fp32")
     ref = torch_runner(model, "fp32")
@@ -133,7 +148,9 @@ def cpu_has_native_bf16() -> bool:
 
 def torch_runner(model: A2N, precision: str) -> Runner:
     """The eager torch forward, channels_last, with weights cast to the precision."""
-    dtype = TORCH_DTYPE[precision]
+    import torch
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     net = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
     device = next(model.parameters()).device
 
@@ -145,38 +162,54 @@ def torch_runner(model: A2N, precision: str) -> Runner:
     return run
 
 
-def onnxruntime_runner(path: Path, precision: str) -> Runner:
+def onnxruntime_forward(path: Path, precision: str, threads: int) -> Forward:
     """An ONNX Runtime CPU session on the exported file (fp32 only: its CPU kernels have no bf16/fp16 convs)."""
     ort = _import("onnxruntime")
     if precision != "fp32":
         raise BackendError(f"onnxruntime runs fp32 only on a CPU, not {precision}; use --backend openvino or torch")
     options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
+    options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(session.run(None, {"lr": x.detach().cpu().float().contiguous().numpy()})[0])
-
-    return run
+    return lambda x: session.run(None, {"lr": x})[0]
 
 
-def openvino_runner(path: Path, precision: str) -> Runner:
+def openvino_forward(path: Path, precision: str, threads: int) -> Forward:
     """An OpenVINO CPU model compiled from the exported file at the precision; refuses one the CPU lacks."""
     ov = _import("openvino")
     core = ov.Core()
     if OV_CAPABILITY[precision] not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
         raise BackendError(f"this CPU has no {precision} support in OpenVINO; use --precision fp32")
-    config = {"INFERENCE_PRECISION_HINT": OV_PRECISION[precision], "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+    config = {"INFERENCE_PRECISION_HINT": OV_PRECISION[precision], "INFERENCE_NUM_THREADS": threads,
               "PERFORMANCE_HINT": "LATENCY", "CACHE_DIR": str(cache_dir() / "openvino")}  # compiled once, reloaded after
     compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
 
-    def run(x: torch.Tensor) -> torch.Tensor:
+    def run(x: np.ndarray) -> np.ndarray:
         request = compiled.create_infer_request()
-        request.infer({0: x.detach().cpu().float().contiguous().numpy()})
-        return torch.from_numpy(np.array(request.get_output_tensor(0).data))
+        request.infer({0: x})
+        return np.array(request.get_output_tensor(0).data)
 
     return run
+
+
+def _torch_wrapped(forward: Forward) -> Runner:
+    import torch
+
+    return lambda x: torch.from_numpy(forward(x.detach().cpu().float().contiguous().numpy()))
+
+
+def onnxruntime_runner(path: Path, precision: str) -> Runner:
+    """onnxruntime_forward on torch tensors, with torch's thread count."""
+    import torch
+
+    return _torch_wrapped(onnxruntime_forward(path, precision, torch.get_num_threads()))
+
+
+def openvino_runner(path: Path, precision: str) -> Runner:
+    """openvino_forward on torch tensors, with torch's thread count."""
+    import torch
+
+    return _torch_wrapped(openvino_forward(path, precision, torch.get_num_threads()))
 
 
 def cached_onnx(model: A2N) -> Path:
@@ -191,16 +224,22 @@ _runners: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _choices: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # auto's pick per model, so a folder looks it up once
 
 
+def resolve(model: A2N, backend: str, precision: str) -> tuple[str, str]:
+    """The (backend, precision) a request runs on: auto becomes the cached fastest choice."""
+    if backend == "auto":
+        if model not in _choices:
+            _choices[model] = choose(model)
+        return _choices[model]
+    return backend, precision
+
+
 def get_runner(model: A2N, backend: str = "torch", precision: str = "fp32") -> Runner:
     """The whole-image forward of model on backend at precision (auto: the cached fastest choice)."""
     if backend not in BACKENDS:
         raise BackendError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if precision not in PRECISIONS:
         raise BackendError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if backend == "auto":
-        if model not in _choices:
-            _choices[model] = choose(model)
-        backend, precision = _choices[model]
+    backend, precision = resolve(model, backend, precision)
     made = _runners.setdefault(model, {})
     if (backend, precision) not in made:
         if backend == "torch":
@@ -238,6 +277,8 @@ def probe_image(size: int) -> torch.Tensor:
     """A natural image crop (the packaged sample) as 1x3xSxS in 0..1, or seeded noise without it."""
     from importlib import resources
 
+    import torch
+
     sample = Path(str(resources.files("a2n"))) / "samples" / "village.png"
     if sample.is_file():
         from PIL import Image
@@ -270,20 +311,26 @@ def _timed(run: Runner, x: torch.Tensor) -> float:
     return time.perf_counter() - start
 
 
-def machine_key() -> str:
-    """What the auto choice depends on: CPU model and flags, thread count, library versions."""
+def _machine_text() -> str:
+    """CPU model and flags and the installed versions of torch and the runtimes (read without importing them)."""
     try:
         info = "".join(line for line in Path("/proc/cpuinfo").read_text().splitlines(True) if line.startswith(("model name", "flags")))
     except OSError:
         info = platform.processor()
-    versions = [torch.__version__]
-    for name in ("onnxruntime", "openvino"):
+    versions = []
+    for name in ("torch", "onnxruntime", "openvino"):
         try:
-            versions.append(__import__(name).__version__)
-        except ImportError:
+            versions.append(metadata.version(name))
+        except metadata.PackageNotFoundError:
             versions.append("-")
-    text = f"{info}|{torch.get_num_threads()}|{'|'.join(versions)}"
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return f"{info}|{'|'.join(versions)}"
+
+
+def machine_key() -> str:
+    """What the auto choice depends on: CPU, library versions, torch's thread count."""
+    import torch
+
+    return hashlib.sha256(f"{_machine_text()}|{torch.get_num_threads()}".encode()).hexdigest()[:16]
 
 
 def choose(model: A2N) -> tuple[str, str]:
@@ -308,3 +355,65 @@ def choose(model: A2N) -> tuple[str, str]:
         tmp.write_text(json.dumps(table, indent=1))
         os.replace(tmp, path)
     return table[key]["backend"], table[key]["precision"]
+
+
+def express_key(weights: Path, scale: int, variant: str, backend: str, precision: str, threads: int | None) -> str:
+    """What an express entry depends on: the weights file's bytes, the options asked for, the machine."""
+    h = hashlib.sha256(weights.read_bytes())
+    h.update(f"|{scale}|{variant}|{backend}|{precision}|{threads}|{_machine_text()}".encode())
+    return h.hexdigest()[:16]
+
+
+def remember_express(key: str, model: A2N, backend: str, precision: str) -> None:
+    """Record that this request runs model on a runtime other than torch, so that later runs can skip torch."""
+    import torch
+
+    backend, precision = resolve(model, backend, precision)
+    if backend == "torch":
+        return
+    get_runner(model, backend, precision)  # raises here, before anything is recorded, when the pair cannot run
+    entry = {"backend": backend, "precision": precision, "onnx": str(cached_onnx(model)), "threads": torch.get_num_threads()}
+    path = cache_dir() / "express.json"
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError):
+        table = {}
+    if table.get(key) != entry:
+        table[key] = entry
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".express.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(table, indent=1))
+        os.replace(tmp, path)
+
+
+def express_upscaler(key: str, scale: int, load_model: Callable[[], A2N], max_memory: float | None = None) -> Callable[[Picture], Picture] | None:
+    """A picture upscaler on the runtime recorded for key, made without importing torch; None when nothing is recorded.
+
+    Images whose whole-image forward would exceed the memory budget go to the exact tiled path on
+    torch: load_model() is called then, once.
+    """
+    try:
+        entry = json.loads((cache_dir() / "express.json").read_text())[key]
+    except (OSError, ValueError, KeyError):
+        return None
+    onnx = Path(entry["onnx"])
+    if not onnx.is_file():
+        return None
+    make = onnxruntime_forward if entry["backend"] == "onnxruntime" else openvino_forward
+    try:
+        forward = make(onnx, entry["precision"], entry["threads"])
+    except BackendError:  # the runtime was uninstalled since: take the torch path, which chooses again
+        return None
+    model: list[A2N] = []
+
+    def upscale_rgb(rgb: np.ndarray) -> np.ndarray:
+        h, w = rgb.shape[:2]
+        if memory.forward_bytes(h, w, scale) <= memory.budget_bytes(max_memory):
+            return pixels.from_planes(forward(pixels.to_planes(rgb)), rgb.dtype)
+        from a2n.inference import upscale_array
+
+        if not model:
+            model.append(load_model())
+        return upscale_array(model[0], rgb, None, max_memory, None, entry["backend"], entry["precision"])
+
+    return lambda picture: pixels.upscale_picture(picture, scale, upscale_rgb)

@@ -13,14 +13,11 @@ import glob
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Callable, Sequence
 
 from tqdm import tqdm
 
 from a2n import io
-
-if TYPE_CHECKING:
-    from a2n.model import A2N
 
 FORMAT_EXTENSIONS = {"png": ".png", "jpg": ".jpg", "webp": ".webp", "tiff": ".tiff", "bmp": ".bmp"}
 
@@ -138,22 +135,12 @@ def make_plan(
     return result
 
 
-def run(
-    plan: Plan,
-    model: A2N | None,
-    fmt: str | None = None,
-    quality: int = 95,
-    tile: int | None = None,
-    max_memory: float | None = None,
-    backend: str = "torch",
-    precision: str = "fp32",
-) -> None:
-    """Upscale every job, reporting each output; raise BatchError listing the failures at the end.
+def run(plan: Plan, upscale: Callable[[io.Picture], io.Picture] | None, fmt: str | None = None, quality: int = 95) -> None:
+    """Upscale every job with upscale, reporting each output; raise BatchError listing the failures at the end.
 
-    model may be None only when the plan has no jobs; backend and precision as in a2n.backends.
+    upscale may be None only when the plan has no jobs (for example a2n.inference.upscale_picture
+    with the model bound, or a2n.backends.express_upscaler).
     """
-    from a2n.inference import upscale_picture
-
     failed = list(plan.failed)
     done = 0
     pil_format = io.FORMATS[FORMAT_EXTENSIONS[fmt]] if fmt else None
@@ -180,7 +167,7 @@ def run(
             if i + 1 < len(plan.jobs):
                 reads.append(reader.submit(io.read_image, plan.jobs[i + 1][0]))
             try:
-                picture = upscale_picture(model, reads[i].result(), tile, max_memory, None, backend, precision)
+                picture = upscale(reads[i].result())
                 write = writer.submit(io.write_image, target, picture, pil_format, quality)
             except (A2NError, MemoryError) as exc:
                 write = Future()

@@ -88,16 +88,11 @@ def cmd_plot(args: argparse.Namespace) -> None:
 
 
 def cmd_upscale(args: argparse.Namespace) -> None:
-    import torch
-
     from a2n import batch, io
-    from a2n.inference import load_model
 
     for name in ("tile", "max_memory", "max_pixels", "threads"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be a positive number")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     if args.max_pixels is not None:
         io.set_max_pixels(args.max_pixels)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
@@ -105,8 +100,40 @@ def cmd_upscale(args: argparse.Namespace) -> None:
                            args.overwrite, args.skip_existing, shard=(rank, world))
     if world > 1:
         print(f"rank {rank} of {world}: {len(plan.jobs)} images to upscale")
-    model = load_model(args.scale, args.variant, args.weights) if plan.jobs else None
-    batch.run(plan, model, args.format, args.quality, args.tile, args.max_memory, args.backend, args.precision)
+    batch.run(plan, _upscaler(args) if plan.jobs else None, args.format, args.quality)
+
+
+def _upscaler(args: argparse.Namespace):
+    """The picture upscaler for the options: straight from the cached export when an earlier run
+    recorded one for these weights and options (no torch import), else the torch model."""
+    from functools import partial
+
+    from a2n import backends, shipped_weights_path
+
+    weights = Path(args.weights) if args.weights else shipped_weights_path(args.scale, args.variant)
+    key = None
+    if args.backend != "torch" and args.tile is None and weights is not None and weights.is_file():
+        key = backends.express_key(weights, args.scale, args.variant, args.backend, args.precision, args.threads)
+        fast = backends.express_upscaler(key, args.scale, lambda: _load_model(args), args.max_memory)
+        if fast is not None:
+            return fast
+    from a2n.inference import upscale_picture
+
+    model = _load_model(args)
+    if key is not None:
+        backends.remember_express(key, model, args.backend, args.precision)
+    return partial(upscale_picture, model, tile=args.tile, max_memory=args.max_memory, progress=None,
+                   backend=args.backend, precision=args.precision)
+
+
+def _load_model(args: argparse.Namespace):
+    import torch
+
+    from a2n.inference import load_model
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    return load_model(args.scale, args.variant, args.weights)
 
 
 def _add_upscale_parser(sub: argparse._SubParsersAction) -> None:

@@ -15,7 +15,6 @@ from a2n import A2NError
 
 import math
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -23,7 +22,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from a2n import memory
+from a2n import pixels as pixels_mod
 from a2n.model import A2N
+from a2n.pixels import ImageInputError, from_planes, to_planes
 
 if TYPE_CHECKING:
     from a2n.io import Picture
@@ -34,46 +36,25 @@ BLOCK_HALO = 2  # an AAB block reaches 2 LR pixels: a 3x3 conv after a 3x3 conv 
 TAIL_HALO = 3  # head and trunk_conv (1) + the reconstruction's convs (at most 2 LR pixels at x2, x3, x4)
 MAX_TILE = 256  # larger tiles are not faster on a CPU (the halo costs under 5% here), only bigger
 MIN_TILE = 32
-MEMORY_SHARE = 0.5  # default max_memory: this share of the memory available now
-# Peak-RSS growth measured for fp32 on a CPU, rounded up (bench/RESULTS.md): a whole-image
-# forward per output and per input pixel, and one tile's working set per output pixel of the tile.
-FORWARD_BYTES_PER_OUT_PIXEL = 300
-FORWARD_BYTES_PER_IN_PIXEL = 1000
-TILE_BYTES_PER_OUT_PIXEL = 800
 
 
 class MemoryBudgetError(A2NError):
     """The image cannot be processed within the allowed memory, even with the smallest tiles."""
 
 
-class ImageInputError(A2NError):
-    """An image object (array, tensor, PIL image) whose shape or type cannot be upscaled."""
-
-
 def to_tensor(img: np.ndarray) -> torch.Tensor:
     """HxWx3 uint8, uint16 or float (0..1) array -> 1x3xHxW float32 tensor in 0..1."""
-    t = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)).astype(np.float32, copy=False))
-    if img.dtype == np.uint8:
-        t = t / 255.0
-    elif img.dtype == np.uint16:
-        t = t / 65535.0
-    return t.unsqueeze(0)
+    return torch.from_numpy(to_planes(img))
 
 
 def to_uint8(t: torch.Tensor) -> np.ndarray:
     """1x3xHxW tensor in 0..1 -> HxWx3 uint8 array, rounded and clipped."""
-    return t[0].float().mul(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+    return to_array(t, np.uint8)
 
 
 def to_array(t: torch.Tensor, dtype: np.dtype) -> np.ndarray:
     """1x3xHxW tensor in 0..1 -> HxWx3 array of dtype: uint8 and uint16 rounded, floats clipped to 0..1."""
-    t = t.detach().float().cpu()
-    if dtype == np.uint8:
-        return to_uint8(t)
-    hwc = t[0].permute(1, 2, 0)
-    if dtype == np.uint16:
-        return hwc.mul(65535.0).round_().clamp_(0, 65535).to(torch.int32).numpy().astype(np.uint16)
-    return hwc.clamp(0, 1).numpy().astype(dtype)
+    return from_planes(t.detach().float().cpu().numpy(), dtype)
 
 
 @torch.inference_mode()
@@ -94,13 +75,7 @@ def available_memory(device: torch.device | str = "cpu") -> int:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    return memory.available_memory()
 
 
 def plan_tile(height: int, width: int, model: A2N, max_memory: float | None = None, out_itemsize: int = 1) -> int | None:
@@ -110,15 +85,15 @@ def plan_tile(height: int, width: int, model: A2N, max_memory: float | None = No
     the tiled trunk, the input and the output array, and the working set of one tile.
     """
     p = next(model.parameters())
-    budget = max_memory * 2**30 if max_memory is not None else MEMORY_SHARE * available_memory(p.device)
+    budget = memory.budget_bytes(max_memory, None if max_memory is not None else available_memory(p.device))
     s2 = model.scale**2
-    if (FORWARD_BYTES_PER_OUT_PIXEL * s2 + FORWARD_BYTES_PER_IN_PIXEL) * height * width <= budget:
+    if memory.forward_bytes(height, width, model.scale) <= budget:
         return None
     nf = model.conv_first.out_channels
     fixed = height * width * (2 * nf * 4 + 3 * 4 + 3 * s2 * out_itemsize)
-    tile = int(math.sqrt(max(budget - fixed, 0) / (TILE_BYTES_PER_OUT_PIXEL * s2))) - 2 * TAIL_HALO
+    tile = int(math.sqrt(max(budget - fixed, 0) / (memory.TILE_BYTES_PER_OUT_PIXEL * s2))) - 2 * TAIL_HALO
     if tile < MIN_TILE:
-        need = (fixed + TILE_BYTES_PER_OUT_PIXEL * s2 * (MIN_TILE + 2 * TAIL_HALO) ** 2) / 2**30
+        need = (fixed + memory.TILE_BYTES_PER_OUT_PIXEL * s2 * (MIN_TILE + 2 * TAIL_HALO) ** 2) / 2**30
         raise MemoryBudgetError(
             f"a {width}x{height} image at x{model.scale} needs about {need:.1f} GiB "
             f"but the budget is {budget / 2**30:.1f} GiB; raise --max-memory or split the image"
@@ -230,18 +205,6 @@ def upscale_array(
     return out
 
 
-def upscale_channel(channel: np.ndarray, scale: int) -> np.ndarray:
-    """Bicubic upscale of one HxW channel (an alpha mask), same dtype, clipped to its range."""
-    from PIL import Image
-
-    big = np.asarray(Image.fromarray(channel.astype(np.float32)).resize(
-        (channel.shape[1] * scale, channel.shape[0] * scale), Image.Resampling.BICUBIC))
-    if np.issubdtype(channel.dtype, np.integer):
-        top = np.iinfo(channel.dtype).max
-        return np.clip(np.round(big), 0, top).astype(channel.dtype)
-    return np.clip(big, 0, 1).astype(channel.dtype)
-
-
 def upscale_pixels(
     model: A2N,
     pixels: np.ndarray,
@@ -254,29 +217,10 @@ def upscale_pixels(
     """Super-resolve HxW (gray), HxWx1, HxWx2 (gray+alpha), HxWx3 (RGB) or HxWx4 (RGBA) pixels.
 
     Gray runs as RGB and comes back as the mean of the three outputs; alpha is upscaled
-    separately with bicubic and re-attached. Keeps the dtype (uint8, uint16, or float in 0..1).
+    separately with bicubic and re-attached (a2n.pixels). Keeps the dtype.
     """
-    if pixels.dtype not in (np.uint8, np.uint16) and not np.issubdtype(pixels.dtype, np.floating):
-        raise ImageInputError(f"pixels must be uint8, uint16 or float (0..1), got {pixels.dtype}")
-    work = pixels if pixels.dtype in (np.uint8, np.uint16) else pixels.astype(np.float32)
-    planes = work[..., None] if work.ndim == 2 else work
-    if planes.ndim != 3 or planes.shape[2] not in (1, 2, 3, 4):
-        raise ImageInputError(f"expected HxW or HxWxC pixels with C in 1..4, got shape {pixels.shape}")
-    color = planes[..., :3] if planes.shape[2] >= 3 else np.repeat(planes[..., :1], 3, axis=2)
-    big = upscale_array(model, color, tile, max_memory, progress, backend, precision)
-    if planes.shape[2] < 3:
-        big = _mean_channel(big)
-    if planes.shape[2] in (2, 4):
-        big = np.dstack([big, upscale_channel(planes[..., -1], model.scale)])
-    if pixels.ndim == 2:
-        big = big[..., 0]
-    return big.astype(pixels.dtype, copy=False)
-
-
-def _mean_channel(rgb: np.ndarray) -> np.ndarray:
-    """HxWx3 -> HxWx1: the mean of the channels, rounded for integer types."""
-    mean = rgb.mean(axis=2, dtype=np.float32, keepdims=True)
-    return np.round(mean).astype(rgb.dtype) if np.issubdtype(rgb.dtype, np.integer) else mean.astype(rgb.dtype)
+    return pixels_mod.upscale_pixels(
+        pixels, model.scale, lambda rgb: upscale_array(model, rgb, tile, max_memory, progress, backend, precision))
 
 
 def load_model(scale: int = 4, variant: str = "a2n", weights: str | os.PathLike | None = None, device: str | torch.device | None = None) -> A2N:
@@ -345,9 +289,5 @@ def upscale_picture(
     precision: str = "fp32",
 ) -> Picture:
     """Super-resolve a decoded picture: pixels, alpha, and its DPI (scaled so the print size stays)."""
-    from a2n import io
-
-    big = upscale_pixels(model, picture.pixels, tile, max_memory, progress, backend, precision)
-    alpha = upscale_channel(picture.alpha, model.scale) if picture.alpha is not None else None
-    dpi = tuple(d * model.scale for d in picture.dpi) if picture.dpi else None
-    return io.Picture(big, alpha, picture.icc_profile, dpi)  # type: ignore[arg-type]
+    return pixels_mod.upscale_picture(
+        picture, model.scale, lambda rgb: upscale_array(model, rgb, tile, max_memory, progress, backend, precision))

@@ -5,13 +5,12 @@ Foreign formats are converted here, at the edge, so the model never knows about 
 
 from __future__ import annotations
 
-from a2n import A2NError
+from a2n import A2NError, shipped_weights_path
 
 import json
 import os
 import re
 import tempfile
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +25,6 @@ WRAPPER_KEYS = ("params_ema", "params", "state_dict", "model", "model_state_dict
 
 class WeightsError(A2NError):
     """A weights file that cannot be read or does not fit the requested model."""
-
-
-def shipped_weights_path(scale: int, variant: str = "a2n") -> Path | None:
-    """The weights this package ships for (scale, variant), or None when there are none."""
-    path = Path(str(resources.files("a2n"))) / "pretrained" / f"{variant}_x{scale}.safetensors"
-    return path if path.is_file() else None
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

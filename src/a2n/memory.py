@@ -1,0 +1,39 @@
+"""How much memory an upscale takes and may take: the measured costs and the budget (no torch).
+
+The costs are peak-RSS growth measured for fp32 on a CPU, rounded up (bench/RESULTS.md, bench/memory.py).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+MEMORY_SHARE = 0.5  # default max_memory: this share of the memory available now
+# A whole-image forward costs this per output and per input pixel; one tile's working set this
+# per output pixel of the tile.
+FORWARD_BYTES_PER_OUT_PIXEL = 300
+FORWARD_BYTES_PER_IN_PIXEL = 1000
+TILE_BYTES_PER_OUT_PIXEL = 800
+
+
+def available_memory() -> int:
+    """Bytes the system can give now (MemAvailable), or half of the physical memory without /proc."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+
+
+def budget_bytes(max_memory: float | None, available: int | None = None) -> float:
+    """The budget in bytes: max_memory GiB, or MEMORY_SHARE of the memory available now."""
+    if max_memory is not None:
+        return max_memory * 2**30
+    return MEMORY_SHARE * (available if available is not None else available_memory())
+
+
+def forward_bytes(height: int, width: int, scale: int) -> int:
+    """Peak memory of a whole-image forward on a height x width input."""
+    return (FORWARD_BYTES_PER_OUT_PIXEL * scale**2 + FORWARD_BYTES_PER_IN_PIXEL) * height * width
