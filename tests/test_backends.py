@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import a2n
-from a2n import backends, inference, io
+from a2n import backends, inference, io, memory
 from a2n.backends import BackendError, export, fidelity_db, get_runner, verify
 from a2n.cli import main
 from a2n.inference import forward, load_model, to_tensor, upscale_array
@@ -212,3 +212,12 @@ def test_later_upscales_skip_torch(weights: str, tmp_path: Path) -> None:
     assert np.array_equal(io.read_rgb8(tmp_path / "tiled" / "a_x2.png"), upscale_array(model, rgb8, max_memory=0.007))
     assert again("torch", "--threads", "1") == "torch imported"  # other options: not recorded yet
     assert len(json.loads((tmp_path / "cache" / "express.json").read_text())) == 2
+
+
+def test_memory_plan_counts_the_backend(model: A2N) -> None:
+    """ONNX Runtime and OpenVINO need more memory for one forward (bench/memory.py): a budget that fits torch's tiles for them."""
+    budget = memory.forward_bytes(64, 64, 2) / 2**30
+    assert inference.plan_tile(64, 64, model, budget) is None
+    for backend in ("onnxruntime", "openvino"):
+        assert memory.forward_bytes(64, 64, 2, backend) > memory.forward_bytes(64, 64, 2)
+        assert inference.MIN_TILE <= inference.plan_tile(64, 64, model, budget, backend=backend) < 64

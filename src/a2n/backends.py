@@ -408,7 +408,7 @@ def express_upscaler(key: str, scale: int, load_model: Callable[[], A2N], max_me
 
     def upscale_rgb(rgb: np.ndarray) -> np.ndarray:
         h, w = rgb.shape[:2]
-        if memory.forward_bytes(h, w, scale) <= memory.budget_bytes(max_memory):
+        if memory.forward_bytes(h, w, scale, entry["backend"]) <= memory.budget_bytes(max_memory):
             return pixels.from_planes(forward(pixels.to_planes(rgb)), rgb.dtype)
         from a2n.inference import upscale_array
 

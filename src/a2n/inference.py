@@ -78,16 +78,19 @@ def available_memory(device: torch.device | str = "cpu") -> int:
     return memory.available_memory()
 
 
-def plan_tile(height: int, width: int, model: A2N, max_memory: float | None = None, out_itemsize: int = 1) -> int | None:
+def plan_tile(
+    height: int, width: int, model: A2N, max_memory: float | None = None, out_itemsize: int = 1, backend: str = "torch"
+) -> int | None:
     """Tile side (input pixels) that keeps peak memory under max_memory GiB; None means one whole-image forward.
 
-    max_memory defaults to half of the memory available now. Counts the two LR feature maps of
-    the tiled trunk, the input and the output array, and the working set of one tile.
+    max_memory defaults to half of the memory available now; backend is where a whole-image forward
+    would run (they differ in memory). Counts the two LR feature maps of the tiled trunk, the input
+    and the output array, and the working set of one tile.
     """
     p = next(model.parameters())
     budget = memory.budget_bytes(max_memory, None if max_memory is not None else available_memory(p.device))
     s2 = model.scale**2
-    if memory.forward_bytes(height, width, model.scale) <= budget:
+    if memory.forward_bytes(height, width, model.scale, backend) <= budget:
         return None
     nf = model.conv_first.out_channels
     fixed = height * width * (2 * nf * 4 + 3 * 4 + 3 * s2 * out_itemsize)
@@ -194,11 +197,12 @@ def upscale_array(
     h, w = rgb.shape[:2]
     if tile is not None and tile < 1:
         raise ImageInputError(f"the tile size must be a positive number of pixels, got {tile}")
-    if tile is None:
-        tile = plan_tile(h, w, model, max_memory, rgb.dtype.itemsize)
-    if tile is None or tile >= max(h, w):
-        from a2n.backends import get_runner
+    from a2n.backends import get_runner, resolve
 
+    backend, precision = resolve(model, backend, precision)
+    if tile is None:
+        tile = plan_tile(h, w, model, max_memory, rgb.dtype.itemsize, backend)
+    if tile is None or tile >= max(h, w):
         return to_array(get_runner(model, backend, precision)(to_tensor(rgb)), rgb.dtype)
     out = np.empty((h * model.scale, w * model.scale, 3), dtype=rgb.dtype)
     forward_tiled(model, to_tensor(rgb), out, tile, progress)

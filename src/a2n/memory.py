@@ -14,6 +14,9 @@ MEMORY_SHARE = 0.5  # default max_memory: this share of the memory available now
 FORWARD_BYTES_PER_OUT_PIXEL = 300
 FORWARD_BYTES_PER_IN_PIXEL = 1000
 TILE_BYTES_PER_OUT_PIXEL = 800
+# ONNX Runtime and OpenVINO take more for the same whole-image forward: 1.45x and 1.29x torch's growth
+# at x4 (bench/memory.py --backend), so 1.2x and 1.07x the costs above; these factors round up.
+FORWARD_FACTOR = {"torch": 1.0, "openvino": 1.2, "onnxruntime": 1.35}
 
 
 def available_memory() -> int:
@@ -34,6 +37,7 @@ def budget_bytes(max_memory: float | None, available: int | None = None) -> floa
     return MEMORY_SHARE * (available if available is not None else available_memory())
 
 
-def forward_bytes(height: int, width: int, scale: int) -> int:
-    """Peak memory of a whole-image forward on a height x width input."""
-    return (FORWARD_BYTES_PER_OUT_PIXEL * scale**2 + FORWARD_BYTES_PER_IN_PIXEL) * height * width
+def forward_bytes(height: int, width: int, scale: int, backend: str = "torch") -> int:
+    """Peak memory of a whole-image forward on a height x width input, on backend."""
+    per_pixel = FORWARD_BYTES_PER_OUT_PIXEL * scale**2 + FORWARD_BYTES_PER_IN_PIXEL
+    return int(FORWARD_FACTOR[backend] * per_pixel * height * width)
