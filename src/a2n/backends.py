@@ -358,9 +358,12 @@ def choose(model: A2N) -> tuple[str, str]:
 
 
 def express_key(weights: Path, scale: int, variant: str, backend: str, precision: str, threads: int | None) -> str:
-    """What an express entry depends on: the weights file's bytes, the options asked for, the machine."""
+    """What an express entry depends on: the weights file's bytes, the options asked for, the machine.
+
+    OMP_NUM_THREADS counts too: without --threads it sets torch's thread count, which the entry keeps.
+    """
     h = hashlib.sha256(weights.read_bytes())
-    h.update(f"|{scale}|{variant}|{backend}|{precision}|{threads}|{_machine_text()}".encode())
+    h.update(f"|{scale}|{variant}|{backend}|{precision}|{threads}|{os.environ.get('OMP_NUM_THREADS')}|{_machine_text()}".encode())
     return h.hexdigest()[:16]
 
 
