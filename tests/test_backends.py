@@ -107,6 +107,8 @@ def test_bf16_and_fp16_fidelity(model: A2N) -> None:
 def test_unsupported_choices_are_clear(model: A2N, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(BackendError, match="unknown backend"):
         get_runner(model, "tensorrt")
+    with pytest.raises(BackendError, match="unknown backend"):
+        upscale_array(model, image(), tile=8, backend="tensorrt")  # refused on the tiled path too
     with pytest.raises(BackendError, match="unknown precision"):
         get_runner(model, "torch", "int8")
     with pytest.raises(BackendError, match="fp32 only"):

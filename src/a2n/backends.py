@@ -226,6 +226,10 @@ _choices: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # auto's pick
 
 def resolve(model: A2N, backend: str, precision: str) -> tuple[str, str]:
     """The (backend, precision) a request runs on: auto becomes the cached fastest choice."""
+    if backend not in BACKENDS:
+        raise BackendError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if precision not in PRECISIONS:
+        raise BackendError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if backend == "auto":
         if model not in _choices:
             _choices[model] = choose(model)
@@ -235,10 +239,6 @@ def resolve(model: A2N, backend: str, precision: str) -> tuple[str, str]:
 
 def get_runner(model: A2N, backend: str = "torch", precision: str = "fp32") -> Runner:
     """The whole-image forward of model on backend at precision (auto: the cached fastest choice)."""
-    if backend not in BACKENDS:
-        raise BackendError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if precision not in PRECISIONS:
-        raise BackendError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     backend, precision = resolve(model, backend, precision)
     made = _runners.setdefault(model, {})
     if (backend, precision) not in made:
