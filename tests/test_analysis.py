@@ -382,3 +382,90 @@ def test_write_numbers_csv_and_standard_json(tmp_path: Path) -> None:
     assert [p.name for p in paths] == ["t.csv", "t.json"]
     assert (tmp_path / "out" / "t.csv").read_text().splitlines() == ["block,r", "1,0.25", "2,nan"]
     assert json.loads((tmp_path / "out" / "t.json").read_text()) == {"rows": [{"block": 1, "r": 0.25}, {"block": 2, "r": None}], "note": "x", "values": [1.0, None]}
+
+
+def test_adm_state_calls_half_and_half_inert() -> None:
+    from a2n.analysis import adm_state, describe_adm
+
+    flat = adm_state(0.5 + np.linspace(-0.009, 0.009, 48).reshape(3, 16))
+    assert flat["inert"] and "INERT" in describe_adm(flat) and "carry no meaning" in describe_adm(flat)
+    spread = adm_state(0.5 + np.linspace(-0.2, 0.1, 48).reshape(3, 16))
+    assert not spread["inert"] and spread["pi_attn_min"] == pytest.approx(0.3) and "live" in describe_adm(spread)
+
+
+def test_branch_weights_cli_says_when_adms_are_inert(tiny_setup: tuple, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Random weights on 0..1 have ADM logits near 0 (inert); the same at 0..255 spread pi_attn (live)."""
+    data, weights, _ = tiny_setup
+    assert run("branch-weights", "--data", data, "--weights", weights, "--scale", 2, "--out", tmp_path) == 0
+    assert "attention dropout: INERT" in capsys.readouterr().out
+    assert json.loads((tmp_path / "branch_weights_bench.json").read_text())["inert"] is True
+    torch.manual_seed(3)
+    save_weights(A2N(2, pixel_range=255.0), tmp_path / "w255.safetensors")
+    assert run("branch-weights", "--data", data, "--weights", tmp_path / "w255.safetensors", "--scale", 2, "--out", tmp_path) == 0
+    assert "attention dropout: live" in capsys.readouterr().out
+
+
+def test_info_describes_a_weights_file(tiny_setup: tuple, capsys: pytest.CaptureFixture) -> None:
+    _, weights, _ = tiny_setup
+    assert main(["info", "--scale", "2", "--weights", str(weights)]) == 0
+    out = capsys.readouterr().out
+    assert "pixel range: 0..1" in out and "attention dropout: INERT" in out and "village.png" in out
+    official = OFFICIAL / "aan_x2.pt"
+    if official.is_file():
+        assert main(["info", "--scale", "2", "--weights", str(official)]) == 0
+        out = capsys.readouterr().out
+        assert "pixel range: 0..255" in out and "attention dropout: live" in out
+
+
+def test_analyze_without_matplotlib_fails_before_any_work(tiny_setup: tuple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    import sys
+
+    from a2n import analysis
+
+    data, weights, _ = tiny_setup
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the analysis ran before the missing matplotlib was reported")
+
+    for name in ("ablation", "branch_weights", "highpass_study", "heatmap", "lam"):
+        monkeypatch.setattr(analysis, name, no_work)
+    image = data / "LR_bicubic" / "X2" / "img0x2.png"
+    for argv in (["ablate", "--data", data], ["branch-weights", "--data", data], ["highpass", "--data", data],
+                 ["heatmap", image], ["lam", image, "--window", "0,0,4"]):
+        assert run(*argv, "--weights", weights, "--scale", 2, "--out", tmp_path) == 1
+        assert "figures need matplotlib; install it with: pip install 'a2n[analysis]'" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_crop_around_a_window() -> None:
+    from a2n.analysis import crop_around
+
+    image = np.arange(40 * 30 * 3, dtype=np.uint8).reshape(30, 40, 3)
+    crop, window, origin = crop_around(image, (21, 10, 6), scale=2, margin=3)
+    assert origin == (7, 2) and crop.shape == (9, 10, 3) and window == (7, 6, 6)
+    assert np.array_equal(crop, image[2:11, 7:17])
+    whole, same, origin = crop_around(image, (21, 10, 6), scale=2, margin=100)
+    assert whole.shape == image.shape and same == (21, 10, 6) and origin == (0, 0)
+    with pytest.raises(AnalysisError, match="--crop must be at least 1"):
+        crop_around(image, (0, 0, 4), 2, 0)
+
+
+def test_cli_lam_on_a_crop(tiny_setup: tuple, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--crop runs LAM on the part near the window, says so, and with a margin covering the image equals the full run."""
+    data, weights, model = tiny_setup
+    image = data / "LR_bicubic" / "X2" / "img1x2.png"
+    common = ["--window", "10,8,6", "--steps", 4, "--weights", weights, "--scale", 2]
+    assert run("lam", image, *common, "--out", tmp_path / "full") == 0
+    assert run("lam", image, *common, "--crop", 50, "--out", tmp_path / "wide") == 0
+    assert run("lam", image, *common, "--crop", 3, "--out", tmp_path / "crop") == 0
+    out = capsys.readouterr().out
+    assert "the ADMs pool over the crop" in out
+    _, full = read(tmp_path / "full", "lam_img1x2")
+    _, wide = read(tmp_path / "wide", "lam_img1x2")
+    _, crop = read(tmp_path / "crop", "lam_img1x2")
+    assert wide["diffusion_index"] == pytest.approx(full["diffusion_index"], abs=1e-9) and wide["crop"] == "0,0,12,12"
+    assert crop["crop"] == "2,1,9,9" and "pi_attn differs" in crop["crop_note"]
+    reference = lam(model, io.read_rgb8(image)[1:10, 2:11], (6, 6, 6), steps=4)
+    assert crop["diffusion_index"] == pytest.approx(reference["diffusion_index"], abs=1e-9)

@@ -376,6 +376,7 @@ def test_disconnected_clients_leave_no_temporary_files(tmp_path: Path, weights: 
             assert post(c, encoded(rgb(12, 16))).status_code == 200
         time.sleep(0.5)
         baseline = len(open_files(proc.pid))
+        libraries = set(tmp.iterdir())  # what the runtimes keep there (ONNX Runtime writes a .ses file on import)
 
         def spooled() -> list[str]:
             return [f for f in open_files(proc.pid) if f.startswith(str(tmp))]
@@ -391,6 +392,6 @@ def test_disconnected_clients_leave_no_temporary_files(tmp_path: Path, weights: 
             assert wait_for(lambda: httpx.get(f"{url}/api/health").json()["busy"] == 1)  # hang up while it runs
         assert wait_for(lambda: httpx.get(f"{url}/api/health").json()["busy"] == 0, 60)
         assert wait_for(lambda: len(open_files(proc.pid)) <= baseline), open_files(proc.pid)
-        assert list(tmp.iterdir()) == []
+        assert set(tmp.iterdir()) == libraries
         with httpx.Client(base_url=url) as c:
             assert decoded(post(c, encoded(rgb(12, 16)))).shape == (48, 64, 3)

@@ -83,11 +83,12 @@ def test_smoke_config_end_to_end(tmp_path: Path) -> None:
     assert Image.open(png).size[0] > 500
 
 
-def test_resume_after_sigkill_is_exact(tmp_path: Path) -> None:
-    full = write_config(tmp_path / "full.yaml", base_config(tmp_path, out_dir=str(tmp_path / "full"), iterations=10))
+@pytest.mark.parametrize("extra", [{}, {"scales": [2, 4]}], ids=["single", "joint"])
+def test_resume_after_sigkill_is_exact(tmp_path: Path, extra: dict) -> None:
+    full = write_config(tmp_path / "full.yaml", base_config(tmp_path, out_dir=str(tmp_path / "full"), iterations=10, **extra))
     subprocess.run(a2n_cmd() + ["train", "--config", str(full)], check=True, capture_output=True, timeout=600)
 
-    cut = write_config(tmp_path / "cut.yaml", base_config(tmp_path, out_dir=str(tmp_path / "cut"), iterations=10))
+    cut = write_config(tmp_path / "cut.yaml", base_config(tmp_path, out_dir=str(tmp_path / "cut"), iterations=10, **extra))
     proc = subprocess.Popen(a2n_cmd() + ["train", "--config", str(cut)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = tmp_path / "cut" / "last.pt"
     deadline = time.time() + 300
@@ -208,3 +209,111 @@ def test_torchrun_two_processes_match_one(tmp_path: Path) -> None:
     a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
     diff = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert diff < 1e-5, diff
+
+
+def tiny_benchmark(root: Path, scales: tuple[int, ...]) -> Path:
+    """HR/ and LR_bicubic/X<s>/ folders of three smooth 24x24 images, for validation in tests."""
+    from a2n import io
+    from a2n.resize import imresize
+
+    for i, path in enumerate(sorted(make_images(root / "src", n=3, size=24, seed=5).glob("*.png"))):
+        hr = np.asarray(Image.open(path).convert("RGB"))
+        io.write_png(root / "HR" / f"img{i}.png", hr)
+        for s in scales:
+            io.write_png(root / "LR_bicubic" / f"X{s}" / f"img{i}x{s}.png", imresize(hr, 1.0 / s))
+    return root
+
+
+def test_pixel_range_defaults_to_the_official_255(tmp_path: Path) -> None:
+    from a2n.weights import build_model, read_checkpoint
+
+    assert config_from_dict({}).pixel_range == 255.0 and load_config(ROOT / "configs" / "a2n_x2.yaml").pixel_range == 255.0
+    train(config_from_dict(base_config(tmp_path, iterations=2)))
+    _, meta = read_checkpoint(tmp_path / "run" / "last.safetensors")
+    assert meta["pixel_range"] == "255.0" and build_model(2, "a2n", tmp_path / "run" / "last.pt").pixel_range == 255.0
+    with pytest.raises(ConfigError, match="pixel_range must be positive"):
+        config_from_dict({"pixel_range": 0})
+
+
+def test_joint_run_shares_one_trunk_and_exports_each_scale(tmp_path: Path) -> None:
+    """scales: [2, 3] trains one trunk with a reconstruction per scale; each file is a plain A2N for its scale."""
+    from a2n.evaluation import evaluate_folder
+    from a2n.weights import build_model, read_checkpoint
+
+    bench = tiny_benchmark(tmp_path / "bench", (2, 3))
+    summary = train(config_from_dict(base_config(tmp_path, scales=[2, 3], iterations=4, val_every=2, val_dir=str(bench))))
+    run = tmp_path / "run"
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    vals = [(r["step"], r["scale"]) for r in records if r["kind"] == "val"]
+    assert vals == [(2, 2), (2, 3), (4, 2), (4, 3)] and all(r["cpu"] > 0 for r in records if r["kind"] == "val")
+    x2, _ = read_checkpoint(run / "last_x2.safetensors")
+    x3, _ = read_checkpoint(run / "last_x3.safetensors")
+    trunk = [k for k in x2 if k.startswith(("conv_first", "AAB_trunk", "trunk_conv"))]
+    assert len(trunk) == 164 and all(torch.equal(x2[k], x3[k]) for k in trunk)
+    assert not torch.equal(x2["upconv1.weight"], x3["upconv1.weight"])
+    for s in (2, 3):
+        model = build_model(s, "a2n", run / f"best_x{s}.safetensors")
+        best = max(r["psnr"] for r in records if r["kind"] == "val" and r["scale"] == s)
+        assert summary["best_psnr"][s] == pytest.approx(best)
+        assert evaluate_folder(bench, s, model)[-1].psnr == pytest.approx(best, abs=1e-6)
+    with pytest.raises(ConfigError, match="distinct scales"):
+        config_from_dict({"scales": [2, 2]})
+    with pytest.raises(ConfigError, match="scales must be 2, 3 or 4"):
+        config_from_dict({"scales": [2, 5]})
+
+
+def test_init_from_a_0_1_file_converts_it(tmp_path: Path) -> None:
+    """init_weights from a file trained on 0..1 starts a 0..255 run from the same network (outputs equal)."""
+    from a2n.model import A2N
+    from a2n.training import init_from
+    from a2n.weights import save_weights
+
+    torch.manual_seed(2)
+    old = A2N(2)
+    save_weights(old, tmp_path / "old.safetensors")
+    new = A2N(2, pixel_range=255.0)
+    loaded, fresh = init_from(new, str(tmp_path / "old.safetensors"))
+    assert len(loaded) == 172 and not fresh
+    x = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        assert (old.eval()(x) - new.eval()(x)).abs().max() < 1e-5
+    again = A2N(2, pixel_range=255.0)
+    loaded, fresh = init_from(again, str(tmp_path / "old.safetensors"), fresh_adm=True)
+    assert len(fresh) == 32 and all(".ADM." in k for k in fresh)
+
+
+@pytest.mark.slow
+def test_default_training_wakes_the_adms(tmp_path: Path) -> None:
+    """The regression test for the 0..1 mistake. A short real run at the default pixel range (255) moves
+    pi_attn away from where the initialisation put it and leaves it spread over images x blocks; the same
+    run on 0..1 leaves every ADM at 0.5, untouched by training."""
+    from a2n.analysis import branch_weights, load_pairs
+    from a2n.model import A2N
+    from a2n.weights import build_model
+
+    need(BENCHMARK / "Set5")
+    t91 = need(ROOT.parent / "shared" / "data" / "train" / "T91" / "HR")
+    pairs = load_pairs(BENCHMARK / "Set5", 2)
+    moved, state = {}, {}
+    for pixel_range in (None, 1.0):
+        run = tmp_path / f"run_{pixel_range}"
+        cfg = dict(train_dirs=[str(t91)], cache_dir=str(tmp_path / "cache"), val_dir=None, out_dir=str(run), patch_size=24,
+                   batch_size=8, iterations=ADM_STEPS, lr=8e-4, warmup=20, ema=0.0, workers=0, save_every=ADM_STEPS,
+                   tensorboard=False, progress=False, seed=0)
+        if pixel_range is not None:
+            cfg["pixel_range"] = pixel_range
+        cfg = config_from_dict(cfg)
+        torch.manual_seed(cfg.seed)  # the run's own initialisation, for comparison
+        start = np.array(branch_weights(A2N(2, pixel_range=cfg.pixel_range).eval(), pairs)["pi_attn"])
+        train(cfg)
+        state[pixel_range] = branch_weights(build_model(2, "a2n", run / "last.safetensors"), pairs)
+        moved[pixel_range] = float(np.abs(np.array(state[pixel_range]["pi_attn"]) - start).mean())
+    print(f"pi_attn std {state[None]['pi_attn_std']:.4f} / {state[1.0]['pi_attn_std']:.4f}, "
+          f"mean |change| from init {moved[None]:.4f} / {moved[1.0]:.5f} (255 / 1)")
+    assert not state[None]["inert"] and state[None]["pi_attn_std"] > ADM_MIN_STD and moved[None] > ADM_MIN_MOVE
+    assert state[1.0]["inert"] and moved[1.0] < moved[None] / 10
+
+
+ADM_STEPS = 150
+ADM_MIN_STD = 0.02
+ADM_MIN_MOVE = 0.01

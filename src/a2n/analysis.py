@@ -31,6 +31,7 @@ from a2n.model import A2N
 HIGHPASS_SIGMA = 1.0
 LAM_SIGMA = 5.0
 LAM_STEPS = 50
+INERT_MARGIN = 0.01  # ADMs whose pi_attn stays this close to 0.5 everywhere mix the branches half and half
 
 Pair = tuple[str, np.ndarray, np.ndarray]
 
@@ -246,12 +247,29 @@ def branch_weights(model: A2N, pairs: list[Pair]) -> dict[str, Any]:
         for h in handles:
             h.remove()
     table = np.array(table_rows)
+    state = adm_state(table)
     rows = [
         {"block": i + 1, "mean": float(col.mean()), "std": float(col.std()), "min": float(col.min()),
          "median": float(np.median(col)), "max": float(col.max())}
         for i, col in enumerate(table.T)
     ]
-    return {"rows": rows, "images": [name for name, _, _ in pairs], "pi_attn": table.tolist()}
+    return {"rows": rows, "images": [name for name, _, _ in pairs], "pi_attn": table.tolist(), **state}
+
+
+def adm_state(pi_attn: np.ndarray) -> dict[str, Any]:
+    """Spread of pi_attn over images x blocks, and whether the ADMs are inert (all within INERT_MARGIN of 0.5)."""
+    table = np.asarray(pi_attn, dtype=np.float64)
+    return {"pi_attn_min": float(table.min()), "pi_attn_max": float(table.max()), "pi_attn_std": float(table.std()),
+            "inert": bool(np.abs(table - 0.5).max() < INERT_MARGIN)}
+
+
+def describe_adm(state: dict[str, Any]) -> str:
+    """One line for users: what the attention-dropout modules of these weights do."""
+    spread = f"pi_attn {state['pi_attn_min']:.3f} .. {state['pi_attn_max']:.3f}, std {state['pi_attn_std']:.3f}"
+    if state["inert"]:
+        return (f"attention dropout: INERT ({spread}): every block mixes its two branches half and half, "
+                "so the branch weights of these weights carry no meaning")
+    return f"attention dropout: live ({spread} over images x blocks)"
 
 
 # ---------------------------------------------------------------- 5. local attribution maps
@@ -290,6 +308,19 @@ def _window_gradient(out: torch.Tensor, window: tuple[int, int, int]) -> torch.T
     return dx + dy
 
 
+def crop_around(image: np.ndarray, window: tuple[int, int, int], scale: int, margin: int) -> tuple[np.ndarray, tuple[int, int, int], tuple[int, int]]:
+    """The part of an LR image within `margin` input pixels of an output window: (crop, window in the crop's output, LR origin)."""
+    if margin < 1:
+        raise AnalysisError(f"--crop must be at least 1 input pixel, got {margin}")
+    x, y, size = window
+    height, width = image.shape[:2]
+    x0, y0 = max(0, x // scale - margin), max(0, y // scale - margin)
+    x1, y1 = min(width, -(-(x + size) // scale) + margin), min(height, -(-(y + size) // scale) + margin)
+    if x0 >= x1 or y0 >= y1:
+        raise AnalysisError(f"window {x},{y},{size} lies outside the {width * scale}x{height * scale} output")
+    return image[y0:y1, x0:x1], (x - x0 * scale, y - y0 * scale, size), (x0, y0)
+
+
 def lam(
     model: nn.Module,
     image: np.ndarray,
@@ -297,6 +328,7 @@ def lam(
     sigma: float = LAM_SIGMA,
     steps: int = LAM_STEPS,
     batch: int = 10,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Local Attribution Map of an output window over an HxWx3 uint8 input.
 
@@ -322,7 +354,12 @@ def lam(
     path = np.stack([gaussian_filter(base, (s, s, 0), mode="reflect") for s in np.linspace(sigma, 0.0, steps + 1)])
     path_t = torch.from_numpy(path.transpose(0, 3, 1, 2)).float().to(p.device)
     grads = []
-    for start in range(0, steps, batch):
+    starts = range(0, steps, batch)
+    if progress:
+        from tqdm import tqdm
+
+        starts = tqdm(starts, desc="LAM", unit="batch", leave=False, disable=None)
+    for start in starts:
         points = path_t[start : min(start + batch, steps)].clone().requires_grad_(True)
         with torch.enable_grad():
             (grad,) = torch.autograd.grad(_window_gradient(model(points), window).sum(), points)
@@ -387,7 +424,7 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
     """matplotlib.pyplot on the non-interactive Agg backend, or a hint to install it."""
     try:
         import matplotlib
@@ -404,13 +441,13 @@ def _save(fig: Any, path: str | os.PathLike, dpi: int = 110) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return path
 
 
 def plot_heatmap(result: dict[str, Any], path: str | os.PathLike, title: str = "") -> Path:
     """Grid of block input (channel mean) and attention mask per block, the extreme blocks framed."""
-    plt = _pyplot()
+    plt = pyplot()
     n = len(result["masks"])
     per_row = 4
     rows = max(3, math.ceil(n / per_row))
@@ -447,7 +484,7 @@ def plot_heatmap(result: dict[str, Any], path: str | os.PathLike, title: str = "
 
 def plot_highpass(result: dict[str, Any], path: str | os.PathLike, title: str = "") -> Path:
     """Bars of the mean high-pass correlation per block (block input and LR image), with the spread over images."""
-    plt = _pyplot()
+    plt = pyplot()
     rows = result["rows"]
     blocks = np.array([r["block"] for r in rows])
     fig, ax = plt.subplots(figsize=(9, 4.2))
@@ -470,7 +507,7 @@ def plot_highpass(result: dict[str, Any], path: str | os.PathLike, title: str = 
 
 def plot_ablation(result: dict[str, Any], path: str | os.PathLike, title: str = "") -> Path:
     """Change of PSNR and SSIM with pi_attn forced to 0 and to 1, per block and per group."""
-    plt = _pyplot()
+    plt = pyplot()
     rows = result["rows"][1:]
     labels = list(dict.fromkeys(r["config"] for r in rows))
     singles = [label for label in labels if label.startswith("block ")]
@@ -498,7 +535,7 @@ def plot_ablation(result: dict[str, Any], path: str | os.PathLike, title: str = 
 
 def plot_branch_weights(result: dict[str, Any], path: str | os.PathLike, title: str = "") -> Path:
     """Box plot of pi_attn per block over the images."""
-    plt = _pyplot()
+    plt = pyplot()
     table = np.array(result["pi_attn"])
     fig, ax = plt.subplots(figsize=(8, 4))
     ax.boxplot(table, showmeans=True)
@@ -506,6 +543,9 @@ def plot_branch_weights(result: dict[str, Any], path: str | os.PathLike, title: 
     ax.set(xlabel="block", ylabel="pi_attn (weight of the attention branch)",
            title=title or f"Branch weights over {table.shape[0]} images")
     ax.text(0.01, 0.02, "box: quartiles, line: median, triangle: mean", transform=ax.transAxes, fontsize=7)
+    if result.get("inert"):
+        ax.text(0.5, 0.9, f"ADMs inert: pi_attn within {INERT_MARGIN} of 0.5 in every block and image",
+                transform=ax.transAxes, ha="center", color="tab:red", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return _save(fig, path)
@@ -513,7 +553,7 @@ def plot_branch_weights(result: dict[str, Any], path: str | os.PathLike, title: 
 
 def plot_lam(result: dict[str, Any], path: str | os.PathLike, title: str = "") -> Path:
     """The output with its window, the attribution map over the input, and its share within each distance."""
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.patches import Rectangle
 
     x, y, size = result["window"]

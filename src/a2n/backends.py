@@ -1,16 +1,18 @@
-"""Where the whole-image forward runs: torch, ONNX Runtime or OpenVINO, in fp32, bf16 or fp16.
+"""Where the forward runs: torch, ONNX Runtime or OpenVINO, in fp32, bf16 or fp16.
 
 The model is exported once to ONNX with dynamic height and width (`a2n export`, or on first use
-into the cache folder, keyed by the weights), and the other runtimes load that file. Only the
-whole-image forward runs on them; an image too large for the memory budget goes through the exact
-tiled path of a2n.inference, which always runs on torch in fp32, so tiling stays exact on every
-backend. `auto` times every combination this CPU supports once, keeps the fastest whose output is
-within 45 dB PSNR of the fp32 forward, and caches the choice per machine and weights.
+into the cache folder, keyed by the weights), and the other runtimes load that file. An image too
+large for the memory budget goes through the exact tiled path (a2n.tiling), whose stages (head,
+each block, tail) are exported the same way and run on the same backend, in fp32 so that tiling
+stays exact everywhere (`get_stages`). `auto` times every combination this CPU supports once,
+keeps the fastest whose output is within 45 dB PSNR of the fp32 forward, and caches the choice
+per machine and weights.
 
 Importing torch takes over a second, so once `a2n upscale` has run a weights file on ONNX Runtime
 or OpenVINO, it records that in the cache (express.json), and later runs with the same file and
 options go straight from the cached export to the runtime without importing torch at all
-(`express_upscaler`); an image too large for one forward still takes the exact tiled path on torch.
+(`express_upscaler`); an image too large for one forward takes the exact tiled path on the
+exported stages, also without torch once they have been exported.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from a2n import memory, pixels
+from a2n import memory, pixels, tiling
 
 if TYPE_CHECKING:
     import torch
@@ -41,6 +43,7 @@ if TYPE_CHECKING:
     from a2n.model import A2N
 
 BACKENDS: tuple[str, ...] = ("auto", "torch", "onnxruntime", "openvino")
+DEFAULT_BACKEND = "auto"  # a2n.upscale, a2n upscale and the server; evaluate stays on torch fp32 (machine-independent figures)
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
 FORMATS: tuple[str, ...] = ("onnx", "openvino")
 MIN_FIDELITY_DB = 45.0
@@ -51,7 +54,7 @@ OV_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
 OV_CAPABILITY = {"fp32": "FP32", "bf16": "BF16", "fp16": "FP16"}
 
 Runner = Callable[["torch.Tensor"], "torch.Tensor"]
-Forward = Callable[[np.ndarray], np.ndarray]  # 1x3xHxW float32 in 0..1 -> 1x3x(sH)x(sW)
+Forward = Callable[..., np.ndarray]  # float32 arrays in the graph's input order -> its output
 
 
 class BackendError(A2NError):
@@ -171,7 +174,8 @@ def onnxruntime_forward(path: Path, precision: str, threads: int) -> Forward:
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return lambda x: session.run(None, {"lr": x})[0]
+    names = [i.name for i in session.get_inputs()]
+    return lambda *xs: session.run(None, dict(zip(names, xs)))[0]
 
 
 def openvino_forward(path: Path, precision: str, threads: int) -> Forward:
@@ -184,9 +188,9 @@ def openvino_forward(path: Path, precision: str, threads: int) -> Forward:
               "PERFORMANCE_HINT": "LATENCY", "CACHE_DIR": str(cache_dir() / "openvino")}  # compiled once, reloaded after
     compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
 
-    def run(x: np.ndarray) -> np.ndarray:
+    def run(*xs: np.ndarray) -> np.ndarray:
         request = compiled.create_infer_request()
-        request.infer({0: x})
+        request.infer(dict(enumerate(xs)))
         return np.array(request.get_output_tensor(0).data)
 
     return run
@@ -220,7 +224,125 @@ def cached_onnx(model: A2N) -> Path:
     return path
 
 
+def export_stages(model: A2N, folder: str | os.PathLike) -> Path:
+    """Write the stages of the tiled forward as ONNX (fp32, dynamic height and width) into a folder.
+
+    head.onnx (lr -> fea), block00.onnx .. (part, pooled -> part), tail.onnx (lr, trunk -> sr) and
+    entry.npy, each block's 1x1 entry weights, which ExportedStages applies itself to sum the pooled mean.
+    """
+    import shutil
+    import warnings
+
+    import torch
+
+    from a2n.model import BlockStage, HeadStage, TailStage
+
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    shadow = copy.deepcopy(model).cpu().float().eval()
+    nf = shadow.conv_first.out_channels
+    hw = {2: "height", 3: "width"}
+    x, fea = torch.rand(1, 3, 16, 16), torch.rand(1, nf, 16, 16)
+    graphs = [(HeadStage(shadow), (x,), "head", ["lr"]), (TailStage(shadow), (x, fea), "tail", ["lr", "trunk"])]
+    graphs += [(BlockStage(b), (fea, torch.rand(1, nf)), f"block{k:02d}", ["part", "pooled"]) for k, b in enumerate(shadow.blocks)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for module, inputs, name, names in graphs:
+            torch.onnx.export(module, inputs, str(tmp / f"{name}.onnx"), dynamo=False, opset_version=OPSET,
+                              input_names=names, output_names=["out"],
+                              dynamic_axes={**{n: hw for n in names if n != "pooled"}, "out": hw})
+    entry = np.stack([b.conv_first.weight.detach().numpy()[:, :, 0, 0] for b in shadow.blocks])
+    np.save(tmp / "entry.npy", entry)
+    (tmp / "stages.json").write_text(json.dumps({"scale": shadow.scale, "channels": nf, "blocks": len(shadow.blocks)}))
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another process exported the same weights first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+class TorchStages:
+    """The tiled forward's stages on the torch model itself (on its device), in fp32."""
+
+    def __init__(self, model: A2N) -> None:
+        self.model = model
+        self.scale, self.channels, self.blocks = model.scale, model.conv_first.out_channels, len(model.blocks)
+        self.device = next(model.parameters()).device
+
+    def prepare(self, x: np.ndarray) -> torch.Tensor:
+        import torch
+
+        return torch.from_numpy(x).to(self.device).contiguous(memory_format=torch.channels_last)
+
+    def features(self, height: int, width: int) -> torch.Tensor:
+        import torch
+
+        return torch.empty(1, self.channels, height, width, device=self.device, memory_format=torch.channels_last)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.head(x)
+
+    def entry_sum(self, k: int, fea: torch.Tensor) -> np.ndarray:
+        import torch
+
+        return self.model.blocks[k].entry(fea).sum(dim=(0, 2, 3), dtype=torch.float64).cpu().numpy()
+
+    def block(self, k: int, part: torch.Tensor, pooled: np.ndarray) -> torch.Tensor:
+        import torch
+
+        block = self.model.blocks[k]
+        return block.mix(part, block.entry(part), torch.from_numpy(pooled).to(self.device))
+
+    def tail(self, x: torch.Tensor, fea: torch.Tensor) -> torch.Tensor:
+        return self.model.tail(x, self.model.head(x), fea)
+
+    def to_numpy(self, sr: torch.Tensor) -> np.ndarray:
+        return sr.detach().float().cpu().numpy()
+
+
+class ExportedStages:
+    """The tiled forward's stages from export_stages, on ONNX Runtime or OpenVINO in fp32 (numpy in and out)."""
+
+    def __init__(self, folder: Path, backend: str, threads: int) -> None:
+        meta = json.loads((folder / "stages.json").read_text())
+        self.scale, self.channels, self.blocks = meta["scale"], meta["channels"], meta["blocks"]
+        self.entry = np.load(folder / "entry.npy")
+        make = onnxruntime_forward if backend == "onnxruntime" else openvino_forward
+        self._head = make(folder / "head.onnx", "fp32", threads)
+        self._tail = make(folder / "tail.onnx", "fp32", threads)
+        self._blocks = [make(folder / f"block{k:02d}.onnx", "fp32", threads) for k in range(self.blocks)]
+
+    def prepare(self, x: np.ndarray) -> np.ndarray:
+        return x
+
+    def features(self, height: int, width: int) -> np.ndarray:
+        return np.empty((1, self.channels, height, width), dtype=np.float32)
+
+    def head(self, x: np.ndarray) -> np.ndarray:
+        return self._head(np.ascontiguousarray(x))
+
+    def entry_sum(self, k: int, fea: np.ndarray) -> np.ndarray:
+        y = self.entry[k] @ fea[0].reshape(self.channels, -1)
+        return np.maximum(y, np.float32(0.2) * y).sum(axis=1, dtype=np.float64)  # LeakyReLU(0.2), summed
+
+    def block(self, k: int, part: np.ndarray, pooled: np.ndarray) -> np.ndarray:
+        return self._blocks[k](np.ascontiguousarray(part), pooled)
+
+    def tail(self, x: np.ndarray, fea: np.ndarray) -> np.ndarray:
+        return self._tail(np.ascontiguousarray(x), np.ascontiguousarray(fea))
+
+    def to_numpy(self, sr: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(sr)
+
+
+def stages_folder(model: A2N) -> Path:
+    """Where the model's exported stages live in the cache folder."""
+    return cache_dir() / f"a2n_x{model.scale}_{weights_key(model)}_stages"
+
+
 _runners: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_stages: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _choices: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # auto's pick per model, so a folder looks it up once
 
 
@@ -249,6 +371,23 @@ def get_runner(model: A2N, backend: str = "torch", precision: str = "fp32") -> R
         else:
             made[(backend, precision)] = openvino_runner(cached_onnx(model), precision)
     return made[(backend, precision)]
+
+
+def get_stages(model: A2N, backend: str = "torch") -> TorchStages | ExportedStages:
+    """The tiled forward's stages of model on backend, always fp32 (auto: the backend of the cached choice)."""
+    import torch
+
+    backend, _ = resolve(model, backend, "fp32")
+    made = _stages.setdefault(model, {})
+    if backend not in made:
+        if backend == "torch":
+            made[backend] = TorchStages(model)
+        else:
+            folder = stages_folder(model)
+            if not (folder / "stages.json").is_file():
+                export_stages(model, folder)
+            made[backend] = ExportedStages(folder, backend, torch.get_num_threads())
+    return made[backend]
 
 
 def fidelity_db(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -375,7 +514,8 @@ def remember_express(key: str, model: A2N, backend: str, precision: str) -> None
     if backend == "torch":
         return
     get_runner(model, backend, precision)  # raises here, before anything is recorded, when the pair cannot run
-    entry = {"backend": backend, "precision": precision, "onnx": str(cached_onnx(model)), "threads": torch.get_num_threads()}
+    entry = {"backend": backend, "precision": precision, "onnx": str(cached_onnx(model)), "stages": str(stages_folder(model)),
+             "threads": torch.get_num_threads()}
     path = cache_dir() / "express.json"
     try:
         table = json.loads(path.read_text())
@@ -389,11 +529,12 @@ def remember_express(key: str, model: A2N, backend: str, precision: str) -> None
         os.replace(tmp, path)
 
 
-def express_upscaler(key: str, scale: int, load_model: Callable[[], A2N], max_memory: float | None = None) -> Callable[[Picture], Picture] | None:
+def express_upscaler(key: str, scale: int, slow_path: Callable[[np.ndarray], np.ndarray],
+                     max_memory: float | None = None) -> Callable[[Picture], Picture] | None:
     """A picture upscaler on the runtime recorded for key, made without importing torch; None when nothing is recorded.
 
-    Images whose whole-image forward would exceed the memory budget go to the exact tiled path on
-    torch: load_model() is called then, once.
+    Images whose whole-image forward would exceed the memory budget take the exact tiled path on
+    the exported stages when they exist, and slow_path (the torch model, loaded then) otherwise.
     """
     try:
         entry = json.loads((cache_dir() / "express.json").read_text())[key]
@@ -407,16 +548,20 @@ def express_upscaler(key: str, scale: int, load_model: Callable[[], A2N], max_me
         forward = make(onnx, entry["precision"], entry["threads"])
     except BackendError:  # the runtime was uninstalled since: take the torch path, which chooses again
         return None
-    model: list[A2N] = []
+    stages: list[ExportedStages] = []
 
     def upscale_rgb(rgb: np.ndarray) -> np.ndarray:
         h, w = rgb.shape[:2]
         if memory.forward_bytes(h, w, scale, entry["backend"]) <= memory.budget_bytes(max_memory):
             return pixels.from_planes(forward(pixels.to_planes(rgb)), rgb.dtype)
-        from a2n.inference import upscale_array
-
-        if not model:
-            model.append(load_model())
-        return upscale_array(model[0], rgb, None, max_memory, None, entry["backend"], entry["precision"])
+        folder = Path(entry.get("stages", ""))
+        if not (folder / "stages.json").is_file():
+            return slow_path(rgb)
+        if not stages:
+            stages.append(ExportedStages(folder, entry["backend"], entry["threads"]))
+        tile = tiling.plan_tile(h, w, scale, stages[0].channels, max_memory, rgb.dtype.itemsize, entry["backend"])
+        out = np.empty((h * scale, w * scale, 3), dtype=rgb.dtype)
+        tiling.run_tiled(stages[0], pixels.to_planes(rgb), out, tile or max(h, w), None)
+        return out
 
     return lambda picture: pixels.upscale_picture(picture, scale, upscale_rgb)

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn, Sequence
 
-from a2n import A2NError, __version__
+from a2n import A2NError, __version__, shipped_weights_path
 
 
 class UserError(A2NError):
@@ -31,6 +31,22 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"A2N variant {args.variant}, x{args.scale}")
     print(f"parameters: {count_parameters(model):,}")
     print(f"multiply-adds for a 1280x720 output ({w}x{h} input): {count_macs(model, h, w) / 1e9:.1f} G")
+    if args.weights is None:
+        return
+    from a2n import analysis, io
+    from a2n.weights import build_model, file_pixel_range, read_checkpoint
+
+    model = build_model(args.scale, args.variant, args.weights or None)
+    path = args.weights or shipped_weights_path(args.scale, args.variant)
+    _, meta = read_checkpoint(path)
+    print(f"weights: {path}")
+    print(f"pixel range: 0..{file_pixel_range(meta):g}")
+    for key in ("trained", "compute", "set5_psnr", "step", "converted_from"):
+        if meta.get(key):
+            print(f"{key.replace('_', ' ')}: {meta[key]}")
+    sample = Path(__file__).parent / "samples" / "village.png"
+    result = analysis.branch_weights(model, [("village", None, io.read_rgb8(sample))])
+    print(analysis.describe_adm(result) + f" [measured on {sample.name}]")
 
 
 def cmd_degrade(args: argparse.Namespace) -> None:
@@ -84,7 +100,18 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_plot(args: argparse.Namespace) -> None:
     from a2n.training import plot_curves
 
-    print(plot_curves(args.run_dir, args.output or Path(args.run_dir) / "curves.png"))
+    print(plot_curves(args.run_dir, args.output or Path(args.run_dir[0]) / "curves.png"))
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from a2n.weights import convert_file
+
+    if args.pixel_range <= 0:
+        raise UserError(f"--pixel-range must be positive (1 or 255), got {args.pixel_range:g}")
+    if Path(args.output).exists() and not args.overwrite:
+        raise UserError(f"{args.output}: already exists; pass --overwrite to replace it")
+    model = convert_file(args.input, args.output, args.pixel_range, args.scale)
+    print(f"wrote {args.output}: {model.variant} x{model.scale} for pixels in 0..{args.pixel_range:g}")
 
 
 def cmd_upscale(args: argparse.Namespace) -> None:
@@ -108,13 +135,13 @@ def _upscaler(args: argparse.Namespace):
     recorded one for these weights and options (no torch import), else the torch model."""
     from functools import partial
 
-    from a2n import backends, shipped_weights_path
+    from a2n import backends
 
     weights = Path(args.weights) if args.weights else shipped_weights_path(args.scale, args.variant)
     key = None
     if args.backend != "torch" and args.tile is None and weights is not None and weights.is_file():
         key = backends.express_key(weights, args.scale, args.variant, args.backend, args.precision, args.threads)
-        fast = backends.express_upscaler(key, args.scale, lambda: _load_model(args), args.max_memory)
+        fast = backends.express_upscaler(key, args.scale, _slow_path(args), args.max_memory)
         if fast is not None:
             return fast
     from a2n.inference import upscale_picture
@@ -124,6 +151,20 @@ def _upscaler(args: argparse.Namespace):
         backends.remember_express(key, model, args.backend, args.precision)
     return partial(upscale_picture, model, tile=args.tile, max_memory=args.max_memory, progress=None,
                    backend=args.backend, precision=args.precision)
+
+
+def _slow_path(args: argparse.Namespace):
+    """An RGB upscaler on the torch model, loaded on first use: the express path's fallback for big images."""
+    loaded: list = []
+
+    def upscale_rgb(rgb):
+        from a2n.inference import upscale_array
+
+        if not loaded:
+            loaded.append(_load_model(args))
+        return upscale_array(loaded[0], rgb, None, args.max_memory, None, args.backend, args.precision)
+
+    return upscale_rgb
 
 
 def _load_model(args: argparse.Namespace):
@@ -154,13 +195,15 @@ def _add_upscale_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-memory", type=float, metavar="GB", help="memory budget in GiB; default: half of the memory available")
     p.add_argument("--max-pixels", type=int, metavar="N", help="refuse input images with more pixels (default: Pillow's decompression-bomb limit, about 89 million)")
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: all cores)")
-    _add_backend_options(p, default="auto")
+    from a2n.backends import DEFAULT_BACKEND
+
+    _add_backend_options(p, default=DEFAULT_BACKEND)  # the Python API's default too
     p.set_defaults(func=cmd_upscale)
 
 
 def _add_backend_options(p: argparse.ArgumentParser, default: str = "torch") -> None:
     p.add_argument("--backend", choices=("auto", "torch", "onnxruntime", "openvino"), default=default,
-                   help="runtime of the whole-image forward (tiles always run on torch, exactly); auto: the fastest "
+                   help="where the model runs (big images: exact tiles on the same runtime, in fp32); auto: the fastest "
                         f"within 45 dB of fp32, measured once per machine and weights (default {default})")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="compute precision (default fp32)")
 
@@ -211,8 +254,10 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
 
 def _analysis_model(args: argparse.Namespace) -> tuple:
     """The model of an `analyze` command, a title naming it, and the metadata of its numbers."""
+    from a2n.analysis import pyplot
     from a2n.weights import build_model
 
+    pyplot()  # figures need matplotlib: say so before minutes of work, not after
     model = build_model(args.scale, args.variant, args.weights)
     source = args.weights or f"shipped {args.variant} x{args.scale} weights"
     return model, f"{Path(source).name}, {args.variant} x{args.scale}", {"weights": source, "scale": args.scale, "variant": args.variant}
@@ -271,6 +316,7 @@ def cmd_analyze_branch_weights(args: argparse.Namespace) -> None:
     summary = {**meta, "data": args.data, **{k: v for k, v in result.items() if k != "rows"}}
     _analysis_write(args, f"branch_weights_{name}", result, analysis.plot_branch_weights,
                     f"pi_attn per block over {len(pairs)} images: {name}, {title}", summary)
+    print(analysis.describe_adm(result))
 
 
 def cmd_analyze_lam(args: argparse.Namespace) -> None:
@@ -284,12 +330,24 @@ def cmd_analyze_lam(args: argparse.Namespace) -> None:
         raise UserError(f"--force-attn must lie in 0..1 (0 turns attention off), got {args.force_attn}")
     model, title, meta = _analysis_model(args)
     forced = args.force_attn is not None
+    crop_note = {}
+    if args.crop is not None:
+        image, window, (x0, y0) = analysis.crop_around(image, window, args.scale, args.crop)
+        crop_note = {"crop": f"{x0},{y0},{image.shape[1]},{image.shape[0]}", "crop_note": (
+            "LAM ran on this crop of the input (x, y, width, height in input pixels) and the window is given in the "
+            "crop's output; the ADMs pool over the crop, not the whole image, so pi_attn differs from a full-image run")}
+        print(f"LAM on a {image.shape[1]}x{image.shape[0]} crop at input ({x0}, {y0}); window {','.join(map(str, window))} "
+              "in the crop's output. Note: the ADMs pool over the crop, so their pi_attn differs from a full-image run.")
+    elif image.shape[0] * image.shape[1] > 96 * 96:
+        print(f"note: LAM on the whole {image.shape[1]}x{image.shape[0]} input; --crop 24 runs on the part within 24 input "
+              "pixels of the window, several times faster", file=sys.stderr)
     with analysis.forced_attention(model, range(len(model.blocks)), args.force_attn) if forced else nullcontext():
-        result = analysis.lam(model, image, window, args.sigma, args.steps)
+        result = analysis.lam(model, image, window, args.sigma, args.steps, progress=True)
     suffix = f", pi_attn forced to {args.force_attn:g}" if forced else ""
+    suffix += f", crop {crop_note['crop']} of the input" if crop_note else ""
     _analysis_write(args, f"lam_{Path(args.image).stem}", result, analysis.plot_lam,
                     f"Local Attribution Map: {Path(args.image).name}, {title}{suffix}",
-                    {**meta, "image": args.image, "force_attn": args.force_attn, **result["rows"][0]})
+                    {**meta, "image": args.image, "force_attn": args.force_attn, **result["rows"][0], **crop_note})
 
 
 def _add_analyze_parser(sub: argparse._SubParsersAction) -> None:
@@ -326,6 +384,8 @@ def _add_analyze_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--steps", type=int, default=50, help="integration steps along the blur path (default 50)")
     q.add_argument("--sigma", type=float, default=5.0, help="Gaussian blur of the path's baseline, in input pixels (default 5)")
     q.add_argument("--force-attn", type=float, metavar="P", help="fix pi_attn of every block to P (0: attention off)")
+    q.add_argument("--crop", type=int, metavar="MARGIN", help="run on the part of the input within MARGIN input pixels of "
+                   "the window (much faster on big inputs; the ADMs then pool over the crop, so pi_attn differs)")
     q.set_defaults(func=cmd_analyze_lam)
 
 
@@ -344,6 +404,8 @@ def build_parser() -> Parser:
     p = sub.add_parser("info", help="parameter count and multiply-adds")
     p.add_argument("--scale", type=int, choices=(2, 3, 4), default=4)
     p.add_argument("--variant", choices=("a2n", "a2n-m", "additive"), default="a2n")
+    p.add_argument("--weights", nargs="?", const="", metavar="FILE",
+                   help="also describe a weights file (no FILE: the shipped one): metadata and whether its ADMs are live")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("degrade", help="make MATLAB-bicubic LR images <name>x<S>.png from HR images")
@@ -370,10 +432,18 @@ def build_parser() -> Parser:
     p.add_argument("--resume", action="store_true", help="continue exactly from <out_dir>/last.pt")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("plot", help="draw loss and validation-PSNR curves of a training run to PNG")
-    p.add_argument("run_dir")
-    p.add_argument("-o", "--output", metavar="PNG", help="default: <run_dir>/curves.png")
+    p = sub.add_parser("plot", help="draw loss and validation-PSNR curves of training runs to PNG (several runs: one figure)")
+    p.add_argument("run_dir", nargs="+")
+    p.add_argument("-o", "--output", metavar="PNG", help="default: <first run_dir>/curves.png")
     p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("convert", help="rewrite a weights file for another pixel range (0..1 or 0..255), exactly")
+    p.add_argument("input", help="weights file (.safetensors, .pt, .pth)")
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help="the .safetensors file to write")
+    p.add_argument("--pixel-range", type=float, default=255.0, help="pixel range of the new file: 255 (default, the official convention) or 1")
+    p.add_argument("--scale", type=int, choices=(2, 3, 4), help="needed only when the file does not say whether it is x2 or x3")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.set_defaults(func=cmd_convert)
 
     _add_analyze_parser(sub)
     _add_upscale_parser(sub)

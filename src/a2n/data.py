@@ -124,6 +124,19 @@ class PatchDataset(Dataset):
         return _chw(lr_patch), _chw(hr_patch)
 
 
+class ScaleCycle(Dataset):
+    """Joint multi-scale training data: step k takes its whole batch from datasets[k % n] (one per scale)."""
+
+    def __init__(self, datasets: Sequence[PatchDataset], global_batch: int) -> None:
+        self.datasets, self.global_batch = list(datasets), global_batch
+
+    def __len__(self) -> int:
+        return 2**62
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.datasets[(index // self.global_batch) % len(self.datasets)][index]
+
+
 def dihedral(img: np.ndarray, k: int) -> np.ndarray:
     """One of the 8 flips/rotations of an HxWxC image (k in 0..7; 0 is the identity)."""
     if k & 4:

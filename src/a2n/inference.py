@@ -1,28 +1,18 @@
-"""Running a model on images: exact tiled inference in bounded memory, and the Python API.
+"""Running a model on images: the Python API, whole-image or exactly tiled (a2n.tiling) in bounded memory.
 
-A2N's attention-dropout module averages each block's features over the whole image, so cutting
-the image into independent tiles changes the result. Here the trunk runs block by block over
-the whole LR feature map instead: a first pass over tiles sums the block's pointwise entry
-features (so the pooled mean is exact), a second pass runs the rest of the block on tiles grown
-by the block's receptive radius and keeps only their interiors. The reconstruction is local, so
-it runs on tiles with a halo too and writes straight into the output array. A tiled run equals
-the whole-image forward up to float rounding.
+Both paths run on the backend asked for (a2n.backends; `auto` by default, the same default as
+`a2n upscale`): the whole-image forward at the precision asked for, the tiled stages in fp32.
 """
 
 from __future__ import annotations
 
-from a2n import A2NError
-
-import math
 import os
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from tqdm import tqdm
 
-from a2n import memory
+from a2n import backends, memory, tiling
 from a2n import pixels as pixels_mod
 from a2n.model import A2N
 from a2n.pixels import ImageInputError, from_planes, to_planes
@@ -30,16 +20,7 @@ from a2n.pixels import ImageInputError, from_planes, to_planes
 if TYPE_CHECKING:
     from a2n.io import Picture
 
-Box = tuple[slice, slice]
-
-BLOCK_HALO = 2  # an AAB block reaches 2 LR pixels: a 3x3 conv after a 3x3 conv in its attention branch
-TAIL_HALO = 3  # head and trunk_conv (1) + the reconstruction's convs (at most 2 LR pixels at x2, x3, x4)
-MAX_TILE = 256  # larger tiles are not faster on a CPU (the halo costs under 5% here), only bigger
-MIN_TILE = 32
-
-
-class MemoryBudgetError(A2NError):
-    """The image cannot be processed within the allowed memory, even with the smallest tiles."""
+DEFAULT_BACKEND = backends.DEFAULT_BACKEND
 
 
 def to_tensor(img: np.ndarray) -> torch.Tensor:
@@ -81,100 +62,23 @@ def available_memory(device: torch.device | str = "cpu") -> int:
 def plan_tile(
     height: int, width: int, model: A2N, max_memory: float | None = None, out_itemsize: int = 1, backend: str = "torch"
 ) -> int | None:
-    """Tile side (input pixels) that keeps peak memory under max_memory GiB; None means one whole-image forward.
+    """Tile side (input pixels) within max_memory GiB for this model (None: one whole-image forward); see tiling.plan_tile.
 
-    max_memory defaults to half of the memory available now; backend is where a whole-image forward
-    would run (they differ in memory). Counts the two LR feature maps of the tiled trunk, the input
-    and the output array, and the working set of one tile.
+    Without max_memory the budget is half of what the model's device (GPU or system) has free now.
     """
-    p = next(model.parameters())
-    budget = memory.budget_bytes(max_memory, None if max_memory is not None else available_memory(p.device))
-    s2 = model.scale**2
-    if memory.forward_bytes(height, width, model.scale, backend) <= budget:
-        return None
-    nf = model.conv_first.out_channels
-    fixed = height * width * (2 * nf * 4 + 3 * 4 + 3 * s2 * out_itemsize)
-    tile = int(math.sqrt(max(budget - fixed, 0) / (memory.TILE_BYTES_PER_OUT_PIXEL * s2))) - 2 * TAIL_HALO
-    if tile < MIN_TILE:
-        need = (fixed + memory.TILE_BYTES_PER_OUT_PIXEL * s2 * (MIN_TILE + 2 * TAIL_HALO) ** 2) / 2**30
-        raise MemoryBudgetError(
-            f"a {width}x{height} image at x{model.scale} needs about {need:.1f} GiB "
-            f"but the budget is {budget / 2**30:.1f} GiB; raise --max-memory or split the image"
-        )
-    return min(tile, MAX_TILE)
+    available = None if max_memory is not None else available_memory(next(model.parameters()).device)
+    return tiling.plan_tile(height, width, model.scale, model.conv_first.out_channels, max_memory, out_itemsize, backend, available)
 
 
-def _tiles(height: int, width: int, tile: int) -> list[Box]:
-    """The tile grid over an image: row-major boxes of at most tile x tile pixels."""
-    return [
-        (slice(y, min(y + tile, height)), slice(x, min(x + tile, width)))
-        for y in range(0, height, tile)
-        for x in range(0, width, tile)
-    ]
+def forward_tiled(model: A2N, x: torch.Tensor, out: np.ndarray, tile: int, progress: bool | None = False,
+                  backend: str = "torch") -> None:
+    """Run the model on a 1x3xHxW tensor tile by tile on backend (fp32), writing the result into out ((sH)x(sW)x3).
 
-
-def _grow(box: Box, halo: int, height: int, width: int) -> tuple[Box, Box]:
-    """The box grown by halo (clipped to the image) and where the original box lies inside it."""
-    ys, xs = box
-    y0, x0 = max(ys.start - halo, 0), max(xs.start - halo, 0)
-    grown = (slice(y0, min(ys.stop + halo, height)), slice(x0, min(xs.stop + halo, width)))
-    inner = (slice(ys.start - y0, ys.stop - y0), slice(xs.start - x0, xs.stop - x0))
-    return grown, inner
-
-
-def _at(t: torch.Tensor, box: Box) -> torch.Tensor:
-    return t[:, :, box[0], box[1]]
-
-
-def _scaled(box: Box, s: int) -> Box:
-    return slice(box[0].start * s, box[0].stop * s), slice(box[1].start * s, box[1].stop * s)
-
-
-@torch.inference_mode()
-def forward_tiled(model: A2N, x: torch.Tensor, out: np.ndarray, tile: int, progress: bool | None = False) -> None:
-    """Run the model on a 1x3xHxW tensor tile by tile, writing the result into out ((sH)x(sW)x3).
-
-    Equals the whole-image forward: each block's pooled mean is summed over all tiles first, and
-    every local step runs on tiles grown by its receptive radius. Peak memory is two LR feature
-    maps plus one tile's working set. progress=None shows a bar only on a terminal.
+    Equals the whole-image forward (a2n.tiling); progress=None shows a bar only on a terminal.
     """
-    p = next(model.parameters())
-    x = x.to(p.device, torch.float32).contiguous(memory_format=torch.channels_last)
-    _, _, h, w = x.shape
-    s, nf = model.scale, model.conv_first.out_channels
-    boxes = _tiles(h, w, tile)
-    blocks = list(model.AAB_trunk)
-    bar = tqdm(total=len(boxes) * (2 + 2 * len(blocks)), unit="tile", leave=False, disable=None if progress is None else not progress)
-    cur = torch.empty(1, nf, h, w, device=p.device, memory_format=torch.channels_last)
-    nxt = torch.empty_like(cur)
-    for box in boxes:
-        grown, inner = _grow(box, 1, h, w)
-        _at(cur, box).copy_(_at(model.head(_at(x, grown)), inner))
-        bar.update()
-    for block in blocks:
-        total = torch.zeros(nf, dtype=torch.float64, device=p.device)
-        for box in boxes:
-            total += block.entry(_at(cur, box)).sum(dim=(0, 2, 3), dtype=torch.float64)
-            bar.update()
-        pooled = (total / (h * w)).float().unsqueeze(0)
-        for box in boxes:
-            grown, inner = _grow(box, BLOCK_HALO, h, w)
-            part = _at(cur, grown)
-            _at(nxt, box).copy_(_at(block.mix(part, block.entry(part), pooled), inner))
-            bar.update()
-        cur, nxt = nxt, cur
-    del nxt
-    for box in boxes:
-        grown, inner = _grow(box, TAIL_HALO, h, w)
-        part = _at(x, grown)
-        res = model.reconstruct(model.head(part) + model.trunk_conv(_at(cur, grown)))
-        if model.pixel_range != 1.0:
-            res = res / model.pixel_range
-        sr = res + F.interpolate(part, scale_factor=s, mode="bilinear", align_corners=False)
-        ys, xs = _scaled(box, s)
-        out[ys, xs] = to_array(_at(sr, _scaled(inner, s)), out.dtype)
-        bar.update()
-    bar.close()
+    stages = backends.get_stages(model, backend)
+    with torch.inference_mode():
+        tiling.run_tiled(stages, x.detach().float().cpu().contiguous().numpy(), out, tile, progress)
 
 
 def upscale_array(
@@ -183,29 +87,27 @@ def upscale_array(
     tile: int | None = None,
     max_memory: float | None = None,
     progress: bool | None = False,
-    backend: str = "torch",
+    backend: str = DEFAULT_BACKEND,
     precision: str = "fp32",
 ) -> np.ndarray:
     """Super-resolve an HxWx3 RGB array (uint8, uint16 or float in 0..1); returns the same dtype.
 
     tile is the tile side in input pixels; by default it is chosen from max_memory (GiB), and an
     image that fits is run whole. The result is the same either way. backend and precision pick
-    the whole-image forward (a2n.backends); tiles always run on torch in fp32, exactly.
+    where it runs (a2n.backends); tiles run on the same backend in fp32, exactly.
     """
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ImageInputError(f"expected an HxWx3 RGB array, got shape {rgb.shape}")
     h, w = rgb.shape[:2]
     if tile is not None and tile < 1:
         raise ImageInputError(f"the tile size must be a positive number of pixels, got {tile}")
-    from a2n.backends import get_runner, resolve
-
-    backend, precision = resolve(model, backend, precision)
+    backend, precision = backends.resolve(model, backend, precision)
     if tile is None:
         tile = plan_tile(h, w, model, max_memory, rgb.dtype.itemsize, backend)
     if tile is None or tile >= max(h, w):
-        return to_array(get_runner(model, backend, precision)(to_tensor(rgb)), rgb.dtype)
+        return to_array(backends.get_runner(model, backend, precision)(to_tensor(rgb)), rgb.dtype)
     out = np.empty((h * model.scale, w * model.scale, 3), dtype=rgb.dtype)
-    forward_tiled(model, to_tensor(rgb), out, tile, progress)
+    forward_tiled(model, to_tensor(rgb), out, tile, progress, backend)
     return out
 
 
@@ -215,7 +117,7 @@ def upscale_pixels(
     tile: int | None = None,
     max_memory: float | None = None,
     progress: bool | None = False,
-    backend: str = "torch",
+    backend: str = DEFAULT_BACKEND,
     precision: str = "fp32",
 ) -> np.ndarray:
     """Super-resolve HxW (gray), HxWx1, HxWx2 (gray+alpha), HxWx3 (RGB) or HxWx4 (RGBA) pixels.
@@ -241,7 +143,7 @@ def upscale(
     scale: int | None = None,
     tile: int | None = None,
     max_memory: float | None = None,
-    backend: str = "torch",
+    backend: str = DEFAULT_BACKEND,
     precision: str = "fp32",
 ) -> Any:
     """Super-resolve a PIL image, a numpy array or a torch tensor and return the same kind.
@@ -249,8 +151,9 @@ def upscale(
     Arrays are HxW or HxWxC (uint8, uint16, or float in 0..1); tensors are CxHxW or NxCxHxW
     (float in 0..1, or uint8). Without a model, the shipped weights for scale (default 4) are
     loaded; with one, scale may be left out or must match it. tile and max_memory (GiB) as in
-    upscale_array; the output is the same for every tile size. backend (auto, torch, onnxruntime,
-    openvino) and precision (fp32, bf16, fp16) pick the whole-image forward, as in a2n.backends.
+    upscale_array; the output is the same for every tile size. backend (auto by default, as for
+    `a2n upscale`: the fastest installed runtime, timed once; or torch, onnxruntime, openvino) and
+    precision (fp32, bf16, fp16) pick where it runs, as in a2n.backends.
     """
     if model is None:
         model = load_model(scale or 4)
@@ -289,7 +192,7 @@ def upscale_picture(
     tile: int | None = None,
     max_memory: float | None = None,
     progress: bool | None = False,
-    backend: str = "torch",
+    backend: str = DEFAULT_BACKEND,
     precision: str = "fp32",
 ) -> Picture:
     """Super-resolve a decoded picture: pixels, alpha, and its DPI (scaled so the print size stays)."""

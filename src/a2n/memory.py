@@ -17,6 +17,7 @@ TILE_BYTES_PER_OUT_PIXEL = 800
 # ONNX Runtime and OpenVINO take more for the same whole-image forward: 1.45x and 1.29x torch's growth
 # at x4 (bench/memory.py --backend), so 1.2x and 1.07x the costs above; these factors round up.
 FORWARD_FACTOR = {"torch": 1.0, "openvino": 1.2, "onnxruntime": 1.35}
+TILE_FACTOR = {"torch": 1.0, "openvino": 1.2, "onnxruntime": 1.35}
 
 
 def available_memory() -> int:
@@ -35,6 +36,11 @@ def budget_bytes(max_memory: float | None, available: int | None = None) -> floa
     if max_memory is not None:
         return max_memory * 2**30
     return MEMORY_SHARE * (available if available is not None else available_memory())
+
+
+def tile_bytes_per_out_pixel(backend: str = "torch") -> float:
+    """One tile's working set per output pixel of the tile, on backend."""
+    return TILE_FACTOR[backend] * TILE_BYTES_PER_OUT_PIXEL
 
 
 def forward_bytes(height: int, width: int, scale: int, backend: str = "torch") -> int:

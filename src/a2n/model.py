@@ -176,13 +176,71 @@ class A2N(nn.Module):
             fea = self.lrelu(self.HRconv1(fea))
         return self.conv_last(fea)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fea = self.head(x)
-        fea = fea + self.trunk_conv(self.AAB_trunk(fea))
-        out = self.reconstruct(fea)
+    def tail(self, x: torch.Tensor, fea: torch.Tensor, trunk: torch.Tensor) -> torch.Tensor:
+        """The output image in 0..1 from the input x, its shallow features and the AAB trunk's output."""
+        out = self.reconstruct(fea + self.trunk_conv(trunk))
         if self.pixel_range != 1.0:
             out = out / self.pixel_range
         return out + F.interpolate(x, scale_factor=self.scale, mode="bilinear", align_corners=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fea = self.head(x)
+        return self.tail(x, fea, self.AAB_trunk(fea))
+
+
+class HeadStage(nn.Module):
+    """Shallow features of an image part: the first stage of exact tiled inference, as a module to export."""
+
+    def __init__(self, model: A2N) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.head(x)
+
+
+class BlockStage(nn.Module):
+    """One AAB on a feature part, given the pooled mean of its entry features over the whole image."""
+
+    def __init__(self, block: AAB) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, part: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        return self.block.mix(part, self.block.entry(part), pooled)
+
+
+class TailStage(nn.Module):
+    """The output part in 0..1 from an image part and the trunk's features over it."""
+
+    def __init__(self, model: A2N) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, trunk: torch.Tensor) -> torch.Tensor:
+        return self.model.tail(x, self.model.head(x), trunk)
+
+
+class MultiScaleA2N(nn.Module):
+    """A2N networks for several scales that share one trunk (head, AABs, trunk conv).
+
+    Each scale keeps its own reconstruction, so `net(s)` is a plain A2N for scale s whose state
+    dict is exactly that of a single-scale model: the joint training of multi-scale SR models.
+    """
+
+    def __init__(self, scales: tuple[int, ...] | list[int], variant: Variant = "a2n", pixel_range: float = 1.0) -> None:
+        super().__init__()
+        nets = [A2N(scale=s, variant=variant, pixel_range=pixel_range) for s in scales]
+        for other in nets[1:]:
+            other.conv_first, other.AAB_trunk, other.trunk_conv = nets[0].conv_first, nets[0].AAB_trunk, nets[0].trunk_conv
+        self.scales = tuple(scales)
+        self.nets = nn.ModuleDict({f"x{s}": n for s, n in zip(scales, nets)})
+
+    def net(self, scale: int) -> A2N:
+        return self.nets[f"x{scale}"]  # type: ignore[return-value]
+
+    def forward(self, x: torch.Tensor, scale: int) -> torch.Tensor:
+        return self.net(scale)(x)
 
 
 def count_parameters(model: nn.Module) -> int:

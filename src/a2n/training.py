@@ -27,10 +27,10 @@ import yaml
 from torch.utils.data import DataLoader
 
 from a2n import A2NError
-from a2n.data import PatchDataset, StepBatchSampler
+from a2n.data import PatchDataset, ScaleCycle, StepBatchSampler
 from a2n.evaluation import evaluate_folder
-from a2n.model import A2N, count_parameters
-from a2n.weights import read_checkpoint, save_weights
+from a2n.model import A2N, MultiScaleA2N, count_parameters
+from a2n.weights import convert_pixel_range, describe, file_pixel_range, read_checkpoint, save_weights
 
 
 class ConfigError(A2NError):
@@ -46,13 +46,16 @@ class TrainConfig:
     """Every setting of a run; `configs/*.yaml` documents each one."""
 
     scale: int = 2
+    scales: list[int] | None = None
     variant: str = "a2n"
+    pixel_range: float = 255.0
     train_dirs: list[str] = field(default_factory=lambda: ["../shared/data/train/T91/HR", "../shared/data/train/BSD200/HR"])
     lr_dirs: list[str] | None = None
     cache_dir: str | None = "runs/cache"
     val_dir: str | None = "../shared/data/benchmark/Set5"
     out_dir: str = "runs/a2n_x2"
     init_weights: str | None = None
+    fresh_adm: bool = False
     patch_size: int = 48
     batch_size: int = 16
     iterations: int = 10000
@@ -66,6 +69,7 @@ class TrainConfig:
     ema: float = 0.999
     precision: str = "auto"
     channels_last: bool = True
+    compile: bool = False
     workers: int = 2
     seed: int = 0
     log_every: int = 20
@@ -105,13 +109,16 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> TrainConfig
             raise ConfigError(f"{source}: unknown key {key!r}; known keys: {', '.join(fields)}")
         values[key] = _check_type(key, value, getattr(defaults, key), fields[key].type, source)
     cfg = TrainConfig(**values)
-    if cfg.scale not in (2, 3, 4):
-        raise ConfigError(f"{source}: scale must be 2, 3 or 4, got {cfg.scale}")
+    for scale in cfg.scales or [cfg.scale]:
+        if scale not in (2, 3, 4):
+            raise ConfigError(f"{source}: scales must be 2, 3 or 4, got {scale}")
+    if cfg.scales is not None and (not cfg.scales or len(set(cfg.scales)) != len(cfg.scales)):
+        raise ConfigError(f"{source}: scales lists distinct scales, e.g. [2, 3, 4]")
     if cfg.variant not in ("a2n", "a2n-m", "additive"):
         raise ConfigError(f"{source}: variant must be a2n, a2n-m or additive, got {cfg.variant!r}")
     if cfg.precision not in ("auto", "bf16", "fp16", "fp32"):
         raise ConfigError(f"{source}: precision must be auto, bf16, fp16 or fp32, got {cfg.precision!r}")
-    for key in ("patch_size", "batch_size", "iterations"):
+    for key in ("patch_size", "batch_size", "iterations", "pixel_range"):
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"{source}: {key} must be positive")
     return cfg
@@ -184,9 +191,16 @@ def atomic_save(obj: Any, path: Path) -> None:
         raise
 
 
-def init_from(model: A2N, path: str) -> tuple[list[str], list[str]]:
-    """Load the tensors of a weights file that fit this model; returns (loaded, initialised) names."""
-    state, _ = read_checkpoint(path)
+def init_from(model: A2N, path: str, fresh_adm: bool = False) -> tuple[list[str], list[str]]:
+    """Load the tensors of a weights file that fit this model; returns (loaded, initialised) names.
+
+    A file trained in another pixel range is converted to the model's first (exactly). With
+    `fresh_adm` the attention-dropout modules keep their new initialisation.
+    """
+    state, metadata = read_checkpoint(path)
+    state = convert_pixel_range(state, describe(state)["variant"], file_pixel_range(metadata), model.pixel_range)
+    if fresh_adm:
+        state = {k: v for k, v in state.items() if ".ADM." not in k}
     own = model.state_dict()
     fit = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
     model.load_state_dict(fit, strict=False)
@@ -194,11 +208,12 @@ def init_from(model: A2N, path: str) -> tuple[list[str], list[str]]:
 
 
 def forward_backward(
-    model: torch.nn.Module, lr_img: torch.Tensor, hr_img: torch.Tensor, amp_dtype: torch.dtype | None, scaler: torch.amp.GradScaler
+    model: torch.nn.Module, lr_img: torch.Tensor, hr_img: torch.Tensor, amp_dtype: torch.dtype | None,
+    scaler: torch.amp.GradScaler, *model_args: Any,
 ) -> torch.Tensor:
     """One L1 forward/backward under autocast (when amp_dtype is set); returns the loss."""
     with torch.autocast(lr_img.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        sr = model(lr_img)
+        sr = model(lr_img, *model_args)
     loss = F.l1_loss(sr.float(), hr_img)
     scaler.scale(loss).backward()
     return loss
@@ -238,30 +253,45 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     if main_process:
         out.mkdir(parents=True, exist_ok=True)
     amp_dtype = autocast_dtype(cfg.precision, device)
+    joint = cfg.scales is not None  # one trunk for several scales: step k trains scales[k % n]
+    scales = list(cfg.scales) if joint else [cfg.scale]
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
 
     # --- data ------------------------------------------------------------------------------
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        dataset = PatchDataset(cfg.train_dirs, cfg.scale, cfg.patch_size, cfg.seed, cfg.lr_dirs, cfg.cache_dir)
+        datasets = [PatchDataset(cfg.train_dirs, s, cfg.patch_size, cfg.seed, cfg.lr_dirs, cfg.cache_dir) for s in scales]
+    dataset = datasets[0] if not joint else ScaleCycle(datasets, cfg.batch_size)
     if main_process:
         for w in caught:
             print(f"warning: {w.message}", file=sys.stderr)
 
     # --- model, optimiser, EMA ---------------------------------------------------------------
     torch.manual_seed(cfg.seed)
-    model = A2N(scale=cfg.scale, variant=cfg.variant).to(device, memory_format=memory_format)  # type: ignore[arg-type]
+    def build() -> torch.nn.Module:
+        if joint:
+            return MultiScaleA2N(scales, cfg.variant, cfg.pixel_range).to(device, memory_format=memory_format)  # type: ignore[arg-type]
+        return A2N(scale=cfg.scale, variant=cfg.variant, pixel_range=cfg.pixel_range).to(device, memory_format=memory_format)  # type: ignore[arg-type]
+
+    def nets_of(container: torch.nn.Module) -> dict[int, A2N]:
+        return {s: container.net(s) for s in scales} if joint else {cfg.scale: container}  # type: ignore[dict-item]
+
+    model = build()
     if cfg.init_weights and not resume:
-        loaded, fresh = init_from(model, cfg.init_weights)
-        if main_process:
-            print(f"init from {cfg.init_weights}: loaded {len(loaded)} tensors, initialised {len(fresh)}"
-                  + (f" ({', '.join(fresh)})" if fresh else ""), file=sys.stderr)
-    ema_model = A2N(scale=cfg.scale, variant=cfg.variant).to(device, memory_format=memory_format) if cfg.ema > 0 else None  # type: ignore[arg-type]
+        for s, net in nets_of(model).items():  # a joint run loads the file into every scale's network
+            loaded, fresh = init_from(net, cfg.init_weights, cfg.fresh_adm)
+            if main_process:
+                print(f"x{s}: init from {cfg.init_weights}: loaded {len(loaded)} tensors, initialised {len(fresh)}"
+                      + (f" ({', '.join(fresh)})" if fresh else ""), file=sys.stderr)
+    ema_model = build() if cfg.ema > 0 else None
     if ema_model is not None:
         ema_model.load_state_dict(model.state_dict())
         ema_model.requires_grad_(False)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-    step, best_psnr, last_psnr, skipped_total = 0, -math.inf, math.nan, len(dataset.skipped)
+    step, skipped_total = 0, len(datasets[0].skipped)
+    best_psnr = {s: -math.inf for s in scales}
+    last_psnr = {s: math.nan for s in scales}
+    elapsed_before, cpu_before = 0.0, 0.0  # wall and CPU seconds of earlier sessions of this run, validation included
 
     last_path, best_path = out / "last.pt", out / "best.pt"
     if resume:
@@ -272,7 +302,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         if ema_model is not None and ckpt.get("ema") is not None:
             ema_model.load_state_dict(ckpt["ema"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        step, best_psnr = ckpt["step"], ckpt["best_psnr"]
+        step = ckpt["step"]
+        best = ckpt["best_psnr"]  # a number in single-scale runs, {scale: PSNR} in joint ones
+        best_psnr = {int(k): v for k, v in best.items()} if isinstance(best, dict) else {cfg.scale: best}
+        elapsed_before, cpu_before = float(ckpt.get("elapsed", 0.0)), float(ckpt.get("cpu", 0.0))
         torch.set_rng_state(ckpt["rng"]["torch"])
         if main_process:
             print(f"resumed from {last_path} at step {step}", file=sys.stderr)
@@ -281,7 +314,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
 
     ddp_model = model
     if distributed:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+        ddp_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[local_rank] if device.type == "cuda" else None, find_unused_parameters=joint)
+    if cfg.compile:  # the training step only; validation and export use the plain modules
+        ddp_model = torch.compile(ddp_model)  # type: ignore[assignment]
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and amp_dtype == torch.float16)
 
     loader = DataLoader(
@@ -326,24 +362,39 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
             "ema": ema_model.state_dict() if ema_model is not None else None,
             "optimizer": optimizer.state_dict(),
             "step": step,
-            "best_psnr": best_psnr,
+            "best_psnr": best_psnr if joint else best_psnr[cfg.scale],
             "rng": {"torch": torch.get_rng_state()},
+            "elapsed": elapsed(),
+            "cpu": cpu(),
             "config": dataclasses.asdict(cfg),
         }
 
-    def validate() -> float:
-        net = ema_model if ema_model is not None else model
+    def validate(scale: int) -> float:
+        net = nets_of(ema_model if ema_model is not None else model)[scale]
         net.eval()
-        result = evaluate_folder(cfg.val_dir, cfg.scale, net)[-1]  # type: ignore[arg-type]
+        result = evaluate_folder(cfg.val_dir, scale, net)[-1]  # type: ignore[arg-type]
         net.train()
         return result.psnr
 
-    def export(path: Path, psnr: float) -> None:
-        net = ema_model if ema_model is not None else model
-        recipe = cfg.recipe or f"a2n train: {cfg.iterations} iterations, batch {cfg.batch_size}, LR patch {cfg.patch_size}"
+    def weights_path(kind: str, scale: int) -> Path:
+        return out / (f"{kind}_x{scale}.safetensors" if joint else f"{kind}.safetensors")
+
+    def export(path: Path, scale: int, psnr: float) -> None:
+        net = nets_of(ema_model if ema_model is not None else model)[scale]
+        recipe = cfg.recipe or (f"a2n train: {cfg.iterations} iterations, batch {cfg.batch_size}, LR patch {cfg.patch_size}"
+                                + (f", one trunk for x{'/x'.join(map(str, scales))}" if joint else ""))
         save_weights(net, path, trained=recipe, step=step, val_psnr=round(psnr, 4), val_dir=str(cfg.val_dir))
 
     # --- the loop ----------------------------------------------------------------------------
+    run_start, cpu_start = time.perf_counter(), time.process_time()
+
+    def elapsed() -> float:
+        return elapsed_before + time.perf_counter() - run_start
+
+    def cpu() -> float:
+        """CPU seconds of this process (all its threads; data workers not included): the cost of the run."""
+        return cpu_before + time.process_time() - cpu_start
+
     stop = Stop()
     model.train()
     window_start, window_loss, window_steps = time.perf_counter(), 0.0, 0
@@ -357,7 +408,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         lr_img = lr_img.to(device, non_blocking=True).contiguous(memory_format=memory_format)
         hr_img = hr_img.to(device, non_blocking=True).contiguous(memory_format=memory_format)
         optimizer.zero_grad(set_to_none=True)
-        loss = forward_backward(ddp_model, lr_img, hr_img, amp_dtype, scaler)
+        scale_args = (scales[step % len(scales)],) if joint else ()
+        loss = forward_backward(ddp_model, lr_img, hr_img, amp_dtype, scaler, *scale_args)
         if cfg.grad_clip > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -382,9 +434,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         window_steps += 1
 
         if main_process and (step % cfg.log_every == 0 or step == cfg.iterations):
-            elapsed = time.perf_counter() - window_start
-            rate = window_steps / elapsed
-            log({"kind": "train", "step": step, "loss": window_loss / window_steps, "lr": lr_now,
+            rate = window_steps / (time.perf_counter() - window_start)
+            log({"kind": "train", "step": step, "time": round(elapsed(), 1), "cpu": round(cpu(), 1), "loss": window_loss / window_steps, "lr": lr_now,
                  "it_per_s": rate, "patches_per_s": rate * cfg.batch_size, "skipped_images": skipped_total})
             if bar is not None:
                 bar.set_postfix(loss=f"{window_loss / window_steps:.4f}", lr=f"{lr_now:.2e}")
@@ -392,14 +443,16 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         if bar is not None:
             bar.update(1)
         if main_process and cfg.val_dir and (step % cfg.val_every == 0 or step == cfg.iterations):
-            psnr = last_psnr = validate()
-            log({"kind": "val", "step": step, "psnr": psnr})
-            if psnr > best_psnr:
-                best_psnr = psnr
-                export(out / "best.safetensors", psnr)
-                atomic_save(checkpoint(), best_path)
-            if bar is not None:
-                bar.write(f"step {step}: Set5-style validation PSNR {psnr:.3f} dB (best {best_psnr:.3f})")
+            for s in scales:
+                psnr = last_psnr[s] = validate(s)
+                log({"kind": "val", "step": step, "time": round(elapsed(), 1), "cpu": round(cpu(), 1), "scale": s, "psnr": psnr})
+                if psnr > best_psnr[s]:
+                    best_psnr[s] = psnr
+                    export(weights_path("best", s), s, psnr)
+                    if not joint:
+                        atomic_save(checkpoint(), best_path)
+                if bar is not None:
+                    bar.write(f"step {step}: x{s} validation PSNR {psnr:.3f} dB (best {best_psnr[s]:.3f})")
         if main_process and (step % cfg.save_every == 0 or step == cfg.iterations):
             atomic_save(checkpoint(), last_path)
         if stop.signal is not None:
@@ -418,7 +471,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
             log({"kind": "replicas", "step": step, "identical": replicas_identical})
     if main_process and status == "finished":
         atomic_save(checkpoint(), last_path)
-        export(out / "last.safetensors", last_psnr)
+        for s in scales:
+            export(weights_path("last", s), s, last_psnr[s])
     if bar is not None:
         bar.close()
     if log_file is not None:
@@ -429,33 +483,46 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         dist.destroy_process_group()
     if status.startswith("stopped"):
         raise TrainingError(status)
-    summary = {"status": status, "step": step, "best_psnr": best_psnr, "out_dir": str(out),
+    summary = {"status": status, "step": step, "best_psnr": best_psnr if joint else best_psnr[cfg.scale], "out_dir": str(out),
                "parameters": count_parameters(model), "world_size": world, "replicas_identical": replicas_identical}
     if main_process:
         print(json.dumps(summary), file=sys.stderr)
     return summary
 
 
-def plot_curves(run_dir: str | os.PathLike, out_png: str | os.PathLike) -> Path:
-    """Draw the training loss and validation PSNR of a run (its log.jsonl) to a PNG."""
+def plot_curves(run_dirs: str | os.PathLike | Sequence[str | os.PathLike], out_png: str | os.PathLike) -> Path:
+    """Draw training loss (by iteration) and validation PSNR (by CPU hours) of one or more runs to a PNG.
+
+    Runs logged before CPU time was recorded are drawn by iteration instead.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    log_path = Path(run_dir) / "log.jsonl"
-    if not log_path.is_file():
-        raise TrainingError(f"{log_path}: no training log; pass the out_dir of a run")
-    records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-    train_rec = [r for r in records if r["kind"] == "train"]
-    val_rec = [r for r in records if r["kind"] == "val"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    ax1.plot([r["step"] for r in train_rec], [r["loss"] for r in train_rec], lw=1)
+    runs = [run_dirs] if isinstance(run_dirs, (str, os.PathLike)) else list(run_dirs)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    by_cpu = True
+    for run in runs:
+        log_path = Path(run) / "log.jsonl"
+        if not log_path.is_file():
+            raise TrainingError(f"{log_path}: no training log; pass the out_dir of a run")
+        records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+        train_rec = [r for r in records if r["kind"] == "train"]
+        val_rec = [r for r in records if r["kind"] == "val"]
+        by_cpu = by_cpu and all("cpu" in r for r in val_rec)
+        name = Path(run).name
+        ax1.plot([r["step"] for r in train_rec], [r["loss"] for r in train_rec], lw=1, label=name)
+        for scale in sorted({r.get("scale") for r in val_rec}, key=str):
+            points = [r for r in val_rec if r.get("scale") == scale]
+            x = [r["cpu"] / 3600 if by_cpu else r["step"] for r in points]
+            ax2.plot(x, [r["psnr"] for r in points], marker="o", ms=3, label=name + (f" x{scale}" if scale else ""))
     ax1.set(xlabel="iteration", ylabel="L1 loss (0..1 pixels)", title="training loss", yscale="log")
-    ax2.plot([r["step"] for r in val_rec], [r["psnr"] for r in val_rec], marker="o", ms=3)
-    ax2.set(xlabel="iteration", ylabel="PSNR (dB, Y)", title="validation PSNR")
+    ax2.set(xlabel="CPU hours (training process, validation included)" if by_cpu else "iteration",
+            ylabel="PSNR (dB, Y)", title="validation PSNR")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)

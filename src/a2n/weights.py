@@ -51,8 +51,8 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
                 "it may be truncated or not a checkpoint"
             ) from exc
         if isinstance(obj, dict) and isinstance(obj.get("config"), dict) and "scale" in obj["config"]:
-            # an `a2n train` checkpoint: 0..1 weights; the EMA is what validation scored
-            metadata = {"format": "a2n-train", "pixel_range": "1.0", "step": str(obj.get("step")),
+            # an `a2n train` checkpoint (runs before pixel_range was a key trained on 0..1); the EMA is what validation scored
+            metadata = {"format": "a2n-train", "pixel_range": str(float(obj["config"].get("pixel_range", 1.0))), "step": str(obj.get("step")),
                         "scale": str(obj["config"]["scale"]), "variant": str(obj["config"].get("variant", "a2n"))}
             obj = obj["ema"] if isinstance(obj.get("ema"), dict) else obj["model"]
         state = _unwrap(obj, path)
@@ -125,8 +125,34 @@ def load_weights(model: A2N, path: str | os.PathLike) -> dict[str, str]:
                  (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", wrong_shape)) if items]
         raise WeightsError(f"{path}: does not fit {wanted}: " + "; ".join(parts))
     model.load_state_dict(state, strict=True)
-    model.pixel_range = float(metadata.get("pixel_range", 255.0 if not metadata else 1.0))
+    model.pixel_range = file_pixel_range(metadata)
     return metadata
+
+
+def _feeds_sigmoid_or_softmax(key: str) -> bool:
+    """1x1 convs before a sigmoid and the ADM's first layer: their outputs must not scale with the range."""
+    return any(part in key for part in (".attention.k2.", "att1.conv.", "att2.conv.", ".ADM.0."))
+
+
+def convert_pixel_range(state: dict[str, torch.Tensor], variant: str, old: float, new: float) -> dict[str, torch.Tensor]:
+    """The same network for pixels in 0..new instead of 0..old (an exact rewrite, up to rounding).
+
+    Features scale with the range, so biases scale by new/old; the layers whose outputs feed a
+    sigmoid or the ADM's softmax must not, so their weights scale by old/new and their biases stay.
+    """
+    if old == new:
+        return dict(state)
+    if variant == "additive":
+        raise WeightsError("the additive variant adds a sigmoid to a feature map, so it cannot be converted between "
+                           "pixel ranges exactly; retrain it in the range you want")
+    factor = new / old
+    out = {}
+    for key, value in state.items():
+        if _feeds_sigmoid_or_softmax(key):
+            out[key] = value / factor if key.endswith("weight") else value.clone()
+        else:
+            out[key] = value * factor if key.endswith("bias") else value.clone()
+    return out
 
 
 def save_weights(model: A2N, path: str | os.PathLike, **metadata: Any) -> None:
@@ -145,6 +171,27 @@ def save_weights(model: A2N, path: str | os.PathLike, **metadata: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def file_pixel_range(metadata: dict[str, str]) -> float:
+    """The pixel range a file's weights expect: recorded in ours, 255 for official files (no metadata)."""
+    return float(metadata.get("pixel_range", 255.0 if not metadata else 1.0))
+
+
+def convert_file(src: str | os.PathLike, dst: str | os.PathLike, pixel_range: float, scale: int | None = None) -> A2N:
+    """Write `src` as safetensors for pixels in 0..pixel_range; the network's outputs stay the same."""
+    src, dst = Path(src), Path(dst)
+    state, metadata = read_checkpoint(src)
+    info = describe(state)
+    scale = scale or scale_hint(src, metadata) or (4 if info["x4"] else None)
+    if scale is None:
+        raise WeightsError(f"{src}: x2 and x3 weights look alike and the file does not say which it is; pass --scale")
+    model = A2N(scale=scale, variant=info["variant"], pixel_range=pixel_range)
+    model.load_state_dict(convert_pixel_range(state, info["variant"], file_pixel_range(metadata), pixel_range))
+    kept = {k: v for k, v in metadata.items() if k not in ("format", "scale", "variant", "pixel_range")}
+    kept["converted_from"] = f"{src.name} (pixel range {file_pixel_range(metadata):g})"
+    save_weights(model, dst, **kept)
+    return model.eval()
 
 
 def build_model(scale: int, variant: str = "a2n", weights: str | os.PathLike | None = None) -> A2N:

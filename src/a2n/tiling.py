@@ -1,0 +1,143 @@
+"""Exact tiled inference: the A2N forward over an image of any size in bounded memory (no torch here).
+
+A2N's attention-dropout module averages each block's features over the whole image, so cutting
+the image into independent tiles changes the result. Here the trunk runs block by block over
+the whole LR feature map instead: a first pass over tiles sums the block's pointwise entry
+features (so the pooled mean is exact), a second pass runs the rest of the block on tiles grown
+by the block's receptive radius and keeps only their interiors. The reconstruction is local, so
+it runs on tiles with a halo too and writes straight into the output array. A tiled run equals
+the whole-image forward up to float rounding.
+
+The stages themselves (head, block, tail) run wherever a `Stages` object puts them: on torch, or
+on ONNX Runtime / OpenVINO from an export (a2n.backends); this module only cuts and stitches.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Protocol
+
+import numpy as np
+
+from a2n import A2NError, memory
+from a2n.pixels import from_planes
+
+Box = tuple[slice, slice]
+
+BLOCK_HALO = 2  # an AAB block reaches 2 LR pixels: a 3x3 conv after a 3x3 conv in its attention branch
+TAIL_HALO = 3  # head and trunk_conv (1) + the reconstruction's convs (at most 2 LR pixels at x2, x3, x4)
+MAX_TILE = 256  # larger tiles are not faster on a CPU (bench/RESULTS.md, tile sizes), only bigger
+MIN_TILE = 32
+
+
+class MemoryBudgetError(A2NError):
+    """The image cannot be processed within the allowed memory, even with the smallest tiles."""
+
+
+class Stages(Protocol):
+    """The pieces of an A2N forward that tiling calls, on 1 x C x H x W arrays of one kind (torch or numpy).
+
+    head: image part (0..1) -> shallow features; entry_sum: block k's summed entry features (float64,
+    per channel) over a feature part; block: block k on a feature part given the pooled mean (1 x C,
+    float32); tail: (image part, trunk features) -> SR part in 0..1; prepare: numpy input planes to
+    the stages' kind; features: an empty feature map; to_numpy: an SR part as float32 numpy planes.
+    """
+
+    scale: int
+    channels: int
+    blocks: int
+
+    def prepare(self, x: np.ndarray) -> Any: ...
+    def features(self, height: int, width: int) -> Any: ...
+    def head(self, x: Any) -> Any: ...
+    def entry_sum(self, k: int, fea: Any) -> np.ndarray: ...
+    def block(self, k: int, part: Any, pooled: np.ndarray) -> Any: ...
+    def tail(self, x: Any, fea: Any) -> Any: ...
+    def to_numpy(self, sr: Any) -> np.ndarray: ...
+
+
+def plan_tile(height: int, width: int, scale: int, channels: int, max_memory: float | None = None, out_itemsize: int = 1,
+              backend: str = "torch", available: int | None = None) -> int | None:
+    """Tile side (input pixels) that keeps peak memory under max_memory GiB; None means one whole-image forward.
+
+    max_memory defaults to half of the memory available now; backend is where the forward runs
+    (they differ in memory). Counts the two LR feature maps of the tiled trunk, the input and the
+    output array, and the working set of one tile.
+    """
+    budget = memory.budget_bytes(max_memory, available)
+    s2 = scale**2
+    if memory.forward_bytes(height, width, scale, backend) <= budget:
+        return None
+    fixed = height * width * (2 * channels * 4 + 3 * 4 + 3 * s2 * out_itemsize)
+    per_pixel = memory.tile_bytes_per_out_pixel(backend) * s2
+    tile = int(math.sqrt(max(budget - fixed, 0) / per_pixel)) - 2 * TAIL_HALO
+    if tile < MIN_TILE:
+        need = (fixed + per_pixel * (MIN_TILE + 2 * TAIL_HALO) ** 2) / 2**30
+        raise MemoryBudgetError(
+            f"a {width}x{height} image at x{scale} needs about {need:.1f} GiB "
+            f"but the budget is {budget / 2**30:.1f} GiB; raise --max-memory or split the image"
+        )
+    return min(tile, MAX_TILE)
+
+
+def tiles(height: int, width: int, tile: int) -> list[Box]:
+    """The tile grid over an image: row-major boxes of at most tile x tile pixels."""
+    return [
+        (slice(y, min(y + tile, height)), slice(x, min(x + tile, width)))
+        for y in range(0, height, tile)
+        for x in range(0, width, tile)
+    ]
+
+
+def grow(box: Box, halo: int, height: int, width: int) -> tuple[Box, Box]:
+    """The box grown by halo (clipped to the image) and where the original box lies inside it."""
+    ys, xs = box
+    y0, x0 = max(ys.start - halo, 0), max(xs.start - halo, 0)
+    grown = (slice(y0, min(ys.stop + halo, height)), slice(x0, min(xs.stop + halo, width)))
+    inner = (slice(ys.start - y0, ys.stop - y0), slice(xs.start - x0, xs.stop - x0))
+    return grown, inner
+
+
+def scaled(box: Box, s: int) -> Box:
+    return slice(box[0].start * s, box[0].stop * s), slice(box[1].start * s, box[1].stop * s)
+
+
+def run_tiled(stages: Stages, x: np.ndarray, out: np.ndarray, tile: int, progress: bool | None = False) -> None:
+    """Run the stages on 1x3xHxW float32 planes tile by tile, writing the result into out ((sH)x(sW)x3, any dtype).
+
+    Peak memory is two LR feature maps plus one tile's working set. progress=None shows a bar only
+    on a terminal.
+    """
+    from tqdm import tqdm
+
+    _, _, h, w = x.shape
+    x = stages.prepare(x)
+    s = stages.scale
+    boxes = tiles(h, w, tile)
+    bar = tqdm(total=len(boxes) * (2 + 2 * stages.blocks), unit="tile", leave=False,
+               disable=None if progress is None else not progress)
+    cur, nxt = stages.features(h, w), stages.features(h, w)
+    for box in boxes:
+        grown, inner = grow(box, 1, h, w)
+        cur[:, :, box[0], box[1]] = stages.head(x[:, :, grown[0], grown[1]])[:, :, inner[0], inner[1]]
+        bar.update()
+    for k in range(stages.blocks):
+        total = np.zeros(stages.channels, dtype=np.float64)
+        for box in boxes:
+            total += stages.entry_sum(k, cur[:, :, box[0], box[1]])
+            bar.update()
+        pooled = (total / (h * w)).astype(np.float32)[None]
+        for box in boxes:
+            grown, inner = grow(box, BLOCK_HALO, h, w)
+            nxt[:, :, box[0], box[1]] = stages.block(k, cur[:, :, grown[0], grown[1]], pooled)[:, :, inner[0], inner[1]]
+            bar.update()
+        cur, nxt = nxt, cur
+    del nxt
+    for box in boxes:
+        grown, inner = grow(box, TAIL_HALO, h, w)
+        sr = stages.tail(x[:, :, grown[0], grown[1]], cur[:, :, grown[0], grown[1]])
+        ys, xs = scaled(box, s)
+        iy, ix = scaled(inner, s)
+        out[ys, xs] = from_planes(stages.to_numpy(sr[:, :, iy, ix]), out.dtype)
+        bar.update()
+    bar.close()
