@@ -4,7 +4,12 @@ One run over the same inputs (256x256 at x4, and a 1280x720 output at x2, x3, x4
 Markdown table and writes it as the `## Inference speed` section of bench/RESULTS.md. Start-up
 is measured by bench/startup.py.
 
-    python bench/infer.py --threads 2
+With --big, big images instead (a 2000x1500 input at x2, a 1000x1000 input at x4, under
+--max-memory 4 so that both tile): the official forward with its quadrant chop, and our exact
+tiled path on each backend, against the whole-image auto rate per output pixel measured in the
+same run; then seconds per tile size on a 512x512 input. Written as `## Big images`.
+
+    python bench/infer.py --threads 2 [--big]
 """
 
 from __future__ import annotations
@@ -20,9 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from official_a2n import AAN  # noqa: E402
+from official_a2n import AAN, forward_chop  # noqa: E402
 
-from a2n import backends  # noqa: E402
+from a2n import backends, inference  # noqa: E402
 from a2n import A2NError  # noqa: E402
 from a2n.backends import fidelity_db, get_runner  # noqa: E402
 from a2n.model import A2N, count_macs  # noqa: E402
@@ -34,6 +39,10 @@ OURS = [("torch", "fp32"), ("torch", "bf16"), ("torch", "fp16"), ("onnxruntime",
         ("openvino", "fp32"), ("openvino", "bf16"), ("openvino", "fp16")]
 RESULTS = Path(__file__).parent / "RESULTS.md"
 CROP = 48  # side of the crop that precisions torch emulates on this CPU are timed on
+BIG_CASES = [("2000x1500 input, x2", 2, 1500, 2000), ("1000x1000 input, x4", 4, 1000, 1000)]
+BIG_MEMORY = 4.0  # GiB: --max-memory of the big cases, under which both tile
+TILED = ("torch", "onnxruntime", "openvino")
+TILE_SIZES = (96, 128, 192, 256, 384)
 
 
 def matmul_peak(dtype: torch.dtype, n: int, repeat: int = 3) -> float:
@@ -82,8 +91,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=1, help="timed runs per fast case (best is kept)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
+    parser.add_argument("--big", action="store_true", help="big images through the tiled path instead (## Big images)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.big:
+        section = big_images(args)
+        print(section)
+        if not args.no_write:
+            write_section(section, "## Big images")
+        return
     peak_bf16 = matmul_peak(torch.bfloat16, 2048 if backends.cpu_has_native_bf16() else 512)  # emulated bf16 is ~100x slower
     peak_fp32 = matmul_peak(torch.float32, 2048)
     auto = backends.choose(model_for(4)[0])
@@ -135,10 +151,80 @@ def main() -> None:
         write_section(section)
 
 
-def write_section(section: str) -> None:
-    """Put section into RESULTS.md in place of an earlier `## Inference speed`, or at the end."""
+def natural_input(height: int, width: int) -> torch.Tensor:
+    """The packaged sample photo resized (bicubic) to width x height, as 1x3xHxW in 0..1."""
+    from importlib import resources
+
+    from PIL import Image
+
+    sample = Path(str(resources.files("a2n"))) / "samples" / "village.png"
+    rgb = np.asarray(Image.open(sample).convert("RGB").resize((width, height), Image.Resampling.BICUBIC))
+    return torch.from_numpy(rgb.transpose(2, 0, 1).copy()).float().div(255).unsqueeze(0)
+
+
+def tiled_seconds(model: A2N, x: torch.Tensor, backend: str, tile: int) -> tuple[float, np.ndarray]:
+    """Wall seconds of one exact tiled run on backend (stages made and warmed up first), and its output."""
+    inference.forward_tiled(model, x[:, :, :64, :64], np.empty((64 * model.scale, 64 * model.scale, 3), np.float32), 32, False, backend)
+    out = np.empty((x.shape[2] * model.scale, x.shape[3] * model.scale, 3), np.float32)
+    return _seconds(lambda: inference.forward_tiled(model, x, out, tile, False, backend)), out
+
+
+def big_images(args: argparse.Namespace) -> str:
+    """The `## Big images` section: official chop vs our tiled path per backend, and the tile-size sweep."""
+    lines = ["| case | forward | tile | seconds | GFLOP/s | vs whole-image auto, per output pixel | speed-up over official | fidelity (dB) |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    summary = []
+    for name, scale, h, w in BIG_CASES:
+        model, origin = model_for(scale)
+        auto = backends.choose(model)
+        ref_h, ref_w = 720 // scale, 1280 // scale  # a 1280x720 output: fits one forward
+        ref_x = natural_input(ref_h, ref_w)
+        ref_seconds, _ = time_runner(get_runner(model, *auto), ref_x, 2)
+        ref_rate = ref_h * ref_w * scale**2 / ref_seconds
+        x = natural_input(h, w)
+        flops, out_pixels = 2 * count_macs(model, h, w), h * w * scale**2
+        net = AAN(scale).eval()
+        net.load_state_dict(model.state_dict(), strict=True)
+        pr = model.pixel_range
+        with torch.inference_mode():
+            official_seconds = _seconds(lambda: forward_chop(net, x * pr, scale))
+            official = (forward_chop(net, x * pr, scale) / pr).clamp(0, 1)[0].permute(1, 2, 0).numpy()
+        rows = [("official eager fp32 NCHW, quadrant chop", "", official_seconds, official)]
+        for backend in TILED:
+            tile = inference.plan_tile(h, w, model, BIG_MEMORY, 1, backend)
+            seconds, out = tiled_seconds(model, x, backend, tile)
+            label = f"tiled, {backend} fp32" + (" (auto's choice)" if backend == auto[0] else "")
+            rows.append((label, tile, seconds, out))
+        exact = rows[1][3]  # tiled torch: equal to the whole-image forward (tests)
+        for label, tile, seconds, out in rows:
+            rate = out_pixels / seconds
+            lines.append(f"| {name} | {label} | {tile} | {seconds:.1f} | {flops / seconds / 1e9:.1f} | {rate / ref_rate:.2f}x | "
+                         f"{official_seconds / seconds:.2f}x | {fidelity_db(torch.from_numpy(out), torch.from_numpy(exact)):.1f} |")
+        print("\n".join(lines[-len(rows):]), flush=True)
+        summary.append(f"{name}: whole-image auto ({auto[0]} {auto[1]}) on a {ref_w}x{ref_h} input ran {ref_rate / 1e6:.2f} M output px/s")
+    sweep = ["| backend | " + " | ".join(f"tile {t}" for t in TILE_SIZES) + " |", "| --- |" + " ---: |" * len(TILE_SIZES)]
+    model, _ = model_for(2)
+    x = natural_input(512, 512)
+    for backend in TILED:
+        times = [tiled_seconds(model, x, backend, t)[0] for t in TILE_SIZES]
+        sweep.append(f"| {backend} | " + " | ".join(f"{t:.2f} s" for t in times) + " |")
+        print(sweep[-1], flush=True)
+    header = [
+        "## Big images", "",
+        f"`python bench/infer.py --threads {args.threads} --big`, one run. Machine: {platform.machine()}, {torch.get_num_threads()} threads, "
+        f"CPU capability {torch.backends.cpu.get_cpu_capability()}; torch {torch.__version__}; weights: {origin}; inputs: the packaged "
+        f"sample resized. Tiles are planned under `--max-memory {BIG_MEMORY:g}` for each backend. Fidelity: PSNR against our tiled "
+        "torch output, which equals the whole-image forward (the official chop is not exact: each quadrant's ADMs pool over it alone).",
+        "; ".join(summary) + ".", "",
+    ]
+    middle = ["", "Seconds of the exact tiled path on a 512x512 input at x2 by tile side (input pixels), same run:", ""]
+    return "\n".join(header + lines + middle + sweep + [""])
+
+
+def write_section(section: str, heading: str = "## Inference speed") -> None:
+    """Put section into RESULTS.md in place of an earlier one under the same heading, or at the end."""
     text = RESULTS.read_text()
-    start = text.find("## Inference speed")
+    start = text.find(heading)
     if start < 0:
         RESULTS.write_text(text.rstrip("\n") + "\n\n" + section)
         return

@@ -7,7 +7,10 @@ forward is measured on a 500x500 input, where it still fits; its growth over the
 shipped x4 weights when present, else seeded random ones (memory and time do not depend on the
 values). Prints a Markdown table for bench/RESULTS.md.
 
-    python bench/memory.py [--threads N] [--skip-large] [--backend torch|onnxruntime|openvino]
+--bound checks the budget instead: an 800x800 input at x4 under `--max-memory 1` (so it tiles) on
+each backend, peak RSS against the budget plus that backend's baseline (8x8 input).
+
+    python bench/memory.py [--threads N] [--skip-large] [--backend torch|onnxruntime|openvino] [--bound]
 """
 
 from __future__ import annotations
@@ -51,8 +54,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, help="torch threads for a2n upscale (default: torch's)")
     parser.add_argument("--skip-large", action="store_true", help="leave out the 2000x2000 input")
-    parser.add_argument("--backend", default="torch", help="backend of the whole-image forwards (tiles run on torch)")
+    parser.add_argument("--backend", default="torch", help="backend of the forwards, tiled or whole")
+    parser.add_argument("--bound", action="store_true", help="check the memory bound of the tiled path on every backend")
     opts = parser.parse_args()
+    if opts.bound:
+        return bound(opts.threads)
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         weights = shipped_weights_path(4)
@@ -83,6 +89,31 @@ def main() -> None:
     for name, rss, seconds in rows:
         print(f"| {name} | {rss:.2f} | {seconds:.1f} |")
     print(f"| plain forward of a 2000x2000 input: baseline + 16 x growth of the 500x500 one | ~{base + 16 * (plain - base):.0f} | |")
+
+
+def bound(threads: int | None, budget: float = 1.0, side: int = 800) -> None:
+    """Peak RSS of a tiled upscale under --max-memory budget on each backend, against budget + baseline."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        weights = shipped_weights_path(4)
+        small, big = tmp_path / "small.png", tmp_path / "big.png"
+        make_input(small, 8, 8)
+        make_input(big, side, side)
+        for backend in ("torch", "onnxruntime", "openvino"):
+            common = ["--scale", "4", "--weights", str(weights), "--overwrite", "--backend", backend, "-o", str(tmp_path / "out")]
+            common += ["--threads", str(threads)] if threads else []
+            base, _ = measure([str(small), *common])
+            measure([str(big), *common, "--max-memory", str(budget)])  # exports the stages once
+            rss, seconds = measure([str(big), *common, "--max-memory", str(budget)])
+            rows.append((backend, base, rss, seconds))
+            print(f"{backend}: baseline {base:.2f} GiB, tiled {rss:.2f} GiB, {seconds:.1f} s", file=sys.stderr, flush=True)
+    print(f"{side}x{side} input at x4 ({4 * side}x{4 * side} output), `--max-memory {budget:g}`, shipped x4 weights, "
+          f"threads {threads or torch.get_num_threads()}; second run of each (the first exports the stages)\n")
+    print("| backend | baseline 8x8 input (GiB) | tiled peak RSS (GiB) | growth (GiB) | within the budget | time (s) |")
+    print("| --- | ---: | ---: | ---: | --- | ---: |")
+    for backend, base, rss, seconds in rows:
+        print(f"| {backend} | {base:.2f} | {rss:.2f} | {rss - base:.2f} | {'yes' if rss - base <= budget else 'NO'} | {seconds:.1f} |")
 
 
 if __name__ == "__main__":

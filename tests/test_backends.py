@@ -187,7 +187,7 @@ def test_upscale_and_evaluate_commands_take_a_backend(weights: str, tmp_path: Pa
 
 def test_later_upscales_skip_torch(weights: str, tmp_path: Path) -> None:
     """Once a weights file has run on ONNX Runtime, `a2n upscale` with the same options runs without importing torch,
-    and gives the same bytes; an image over the memory budget still takes the exact tiled path on torch."""
+    and gives the same bytes; an image over the memory budget takes the exact tiled path on the exported stages."""
     import subprocess
     import sys
 
@@ -224,11 +224,12 @@ def test_later_upscales_skip_torch(weights: str, tmp_path: Path) -> None:
 
 def test_memory_plan_counts_the_backend(model: A2N) -> None:
     """ONNX Runtime and OpenVINO need more memory for one forward (bench/memory.py): a budget that fits torch's tiles for them."""
-    budget = memory.forward_bytes(64, 64, 2) / 2**30
-    assert inference.plan_tile(64, 64, model, budget) is None
+    budget = memory.forward_bytes(128, 128, 2) / 2**30
+    assert inference.plan_tile(128, 128, model, budget) is None
     for backend in ("onnxruntime", "openvino"):
-        assert memory.forward_bytes(64, 64, 2, backend) > memory.forward_bytes(64, 64, 2)
-        assert tiling.MIN_TILE <= inference.plan_tile(64, 64, model, budget, backend=backend) < 64
+        assert memory.forward_bytes(128, 128, 2, backend) > memory.forward_bytes(128, 128, 2)
+        assert memory.tile_bytes_per_out_pixel(backend) > memory.tile_bytes_per_out_pixel("torch")
+        assert tiling.MIN_TILE <= inference.plan_tile(128, 128, model, budget, backend=backend) < 128
 
 
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime", "openvino"])

@@ -68,3 +68,16 @@ def test_shipped_weights_beat_bicubic(scale: int, tmp_path: Path, capsys: pytest
         recorded = float(f.metadata()["set5_psnr"])
     assert abs(ours["psnr"] - recorded) <= 0.005, (ours["psnr"], recorded)
     assert ours["psnr"] > bicubic["psnr"] + 1.5
+
+
+@pytest.mark.parametrize("scale", [2, 3, 4])
+def test_shipped_weights_have_live_adms(scale: int) -> None:
+    """The shipped files are A2N in more than name: their attention dropout mixes the branches by the image
+    (pi_attn spread over Set5 images x blocks of at least 0.03), trained on the official 0..255 range."""
+    from a2n.analysis import branch_weights, load_pairs
+    from a2n.weights import build_model
+
+    model = build_model(scale)
+    state = branch_weights(model, load_pairs(need(BENCHMARK / "Set5"), scale))
+    assert model.pixel_range == 255.0
+    assert not state["inert"] and state["pi_attn_std"] >= 0.03, state["pi_attn_std"]

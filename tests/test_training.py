@@ -235,7 +235,7 @@ def test_pixel_range_defaults_to_the_official_255(tmp_path: Path) -> None:
         config_from_dict({"pixel_range": 0})
 
 
-def test_joint_run_shares_one_trunk_and_exports_each_scale(tmp_path: Path) -> None:
+def test_joint_run_shares_one_trunk_and_exports_each_scale(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """scales: [2, 3] trains one trunk with a reconstruction per scale; each file is a plain A2N for its scale."""
     from a2n.evaluation import evaluate_folder
     from a2n.weights import build_model, read_checkpoint
@@ -256,6 +256,13 @@ def test_joint_run_shares_one_trunk_and_exports_each_scale(tmp_path: Path) -> No
         best = max(r["psnr"] for r in records if r["kind"] == "val" and r["scale"] == s)
         assert summary["best_psnr"][s] == pytest.approx(best)
         assert evaluate_folder(bench, s, model)[-1].psnr == pytest.approx(best, abs=1e-6)
+    restart = base_config(tmp_path, scales=[2, 3], iterations=1, out_dir=str(tmp_path / "again"),
+                          init_weights=str(run / "last_x{scale}.safetensors"))
+    capsys.readouterr()
+    train(config_from_dict(restart))  # a warm restart from one file per scale
+    err = capsys.readouterr().err
+    assert "last_x2.safetensors: loaded 172 tensors, initialised 0" in err
+    assert "last_x3.safetensors: loaded 172 tensors, initialised 0" in err
     with pytest.raises(ConfigError, match="distinct scales"):
         config_from_dict({"scales": [2, 2]})
     with pytest.raises(ConfigError, match="scales must be 2, 3 or 4"):
@@ -317,3 +324,11 @@ def test_default_training_wakes_the_adms(tmp_path: Path) -> None:
 ADM_STEPS = 150
 ADM_MIN_STD = 0.02
 ADM_MIN_MOVE = 0.01
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_every_shipped_config_loads_and_trains_at_255(name: str) -> None:
+    cfg = load_config(ROOT / "configs" / name)
+    assert cfg.pixel_range == 255.0
+    if name == "a2n_joint.yaml":
+        assert cfg.scales == [2, 3, 4]

@@ -173,6 +173,7 @@ def onnxruntime_forward(path: Path, precision: str, threads: int) -> Forward:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    options.enable_cpu_mem_arena = False  # the tiled path keeps 18 sessions: arenas would each hold a tile's peak
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
     return lambda *xs: session.run(None, dict(zip(names, xs)))[0]
@@ -185,7 +186,8 @@ def openvino_forward(path: Path, precision: str, threads: int) -> Forward:
     if OV_CAPABILITY[precision] not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
         raise BackendError(f"this CPU has no {precision} support in OpenVINO; use --precision fp32")
     config = {"INFERENCE_PRECISION_HINT": OV_PRECISION[precision], "INFERENCE_NUM_THREADS": threads,
-              "PERFORMANCE_HINT": "LATENCY", "CACHE_DIR": str(cache_dir() / "openvino")}  # compiled once, reloaded after
+              "PERFORMANCE_HINT": "LATENCY", "CACHE_DIR": str(cache_dir() / "openvino"),  # compiled once, reloaded after
+              "CPU_RUNTIME_CACHE_CAPACITY": 0}  # no kernels kept per input shape: the tiled path's 18 models would each hold them
     compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
 
     def run(*xs: np.ndarray) -> np.ndarray:

@@ -278,10 +278,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
 
     model = build()
     if cfg.init_weights and not resume:
-        for s, net in nets_of(model).items():  # a joint run loads the file into every scale's network
-            loaded, fresh = init_from(net, cfg.init_weights, cfg.fresh_adm)
+        for s, net in nets_of(model).items():  # a joint run loads every scale's network, the shared trunk last from the last scale
+            path = cfg.init_weights.replace("{scale}", str(s))  # e.g. src/a2n/pretrained/a2n_x{scale}.safetensors
+            loaded, fresh = init_from(net, path, cfg.fresh_adm)
             if main_process:
-                print(f"x{s}: init from {cfg.init_weights}: loaded {len(loaded)} tensors, initialised {len(fresh)}"
+                print(f"x{s}: init from {path}: loaded {len(loaded)} tensors, initialised {len(fresh)}"
                       + (f" ({', '.join(fresh)})" if fresh else ""), file=sys.stderr)
     ema_model = build() if cfg.ema > 0 else None
     if ema_model is not None:
@@ -513,8 +514,10 @@ def plot_curves(run_dirs: str | os.PathLike | Sequence[str | os.PathLike], out_p
         by_cpu = by_cpu and all("cpu" in r for r in val_rec)
         name = Path(run).name
         ax1.plot([r["step"] for r in train_rec], [r["loss"] for r in train_rec], lw=1, label=name)
-        for scale in sorted({r.get("scale") for r in val_rec}, key=str):
-            points = [r for r in val_rec if r.get("scale") == scale]
+        named = {r["scale"] for r in val_rec if "scale" in r}
+        only = next(iter(named)) if len(named) == 1 else None  # records written before "scale" was logged
+        for scale in sorted(named or {None}, key=str):
+            points = [r for r in val_rec if r.get("scale", only) == scale]
             x = [r["cpu"] / 3600 if by_cpu else r["step"] for r in points]
             ax2.plot(x, [r["psnr"] for r in points], marker="o", ms=3, label=name + (f" x{scale}" if scale else ""))
     ax1.set(xlabel="iteration", ylabel="L1 loss (0..1 pixels)", title="training loss", yscale="log")
