@@ -249,6 +249,10 @@ def test_tiled_stages_run_on_the_backend_and_stay_exact(backend: str) -> None:
     assert isinstance(backends.get_stages(model, backend), kind)
     if backend != "torch":
         assert (backends.stages_folder(model) / "block15.onnx").is_file()
+    del model, tiled  # free the compiled stages here, not at some later garbage collection
+    import gc
+
+    gc.collect()
 
 
 def test_big_images_take_the_auto_backend_in_the_api_and_the_cli(weights: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
