@@ -53,3 +53,13 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> str:
     path = tmp_path_factory.mktemp("weights") / "random_x2.safetensors"
     save_weights(A2N(scale=2), path)
     return str(path)
+
+
+@pytest.fixture(autouse=True)
+def collect_garbage() -> Iterator[None]:
+    """Free what each test leaves (compiled OpenVINO models among it) on the main thread right away: freed
+    later by a collection on another thread (TensorBoard's writer in the training tests), they crash the process."""
+    yield
+    import gc
+
+    gc.collect()
