@@ -113,7 +113,7 @@ def test_unsupported_choices_are_clear(model: A2N, monkeypatch: pytest.MonkeyPat
         get_runner(model, "torch", "int8")
     with pytest.raises(BackendError, match="fp32 only"):
         get_runner(model, "onnxruntime", "fp16")
-    if "BF16" not in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+    if "BF16" not in backends.openvino_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
         with pytest.raises(BackendError, match="no bf16 support"):
             get_runner(model, "openvino", "bf16")
     real_import = backends._import

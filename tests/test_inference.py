@@ -22,6 +22,7 @@ from a2n.inference import (
 )
 from a2n.model import A2N
 from a2n.pixels import upscale_channel
+from a2n import tiling
 from a2n.tiling import BLOCK_HALO, MAX_TILE, MIN_TILE, MemoryBudgetError
 from a2n.weights import save_weights
 from conftest import BENCHMARK, OFFICIAL, need
@@ -107,6 +108,56 @@ def test_block_reaches_exactly_its_halo() -> None:
         rows, cols = changed.nonzero(as_tuple=True)
         assert (rows - 7).abs().max().item() == BLOCK_HALO, variant
         assert (cols - 7).abs().max().item() == BLOCK_HALO, variant
+
+
+def test_windows_hold_the_receptive_field_and_have_one_size() -> None:
+    """Every window of a stage has one size (a backend compiles one shape) and holds its box plus halo."""
+    for length in (1, 5, 37, 100, 257):
+        for tile in (4, 9, 32, 256):
+            parts = tiling.cuts(length, tile)
+            assert parts[0].start == 0 and parts[-1].stop == length
+            assert all(a.stop == b.start for a, b in zip(parts, parts[1:]))
+            sizes = [p.stop - p.start for p in parts]
+            assert max(sizes) <= tile and max(sizes) - min(sizes) <= 1
+            for halo in (1, 2, 3):
+                boxes = [(p, slice(0, 1)) for p in parts]
+                grown = [tiling.grow(b, halo, length, 1, (max(sizes), 1)) for b in boxes]
+                assert len({g[0].stop - g[0].start for g, _ in grown}) == 1
+                for (ys, _), ((gy, _), (iy, _)) in zip(boxes, grown):
+                    assert gy.start <= max(ys.start - halo, 0) and gy.stop >= min(ys.stop + halo, length)
+                    assert (iy.start + gy.start, iy.stop + gy.start) == (ys.start, ys.stop)
+
+
+def test_a_stage_sees_one_input_shape_per_image() -> None:
+    """The tiled forward calls each stage with one shape on a grid whose tiles do not divide the image."""
+    from a2n import backends
+
+    model = random_model(2)
+    stages = backends.TorchStages(model)
+    shapes: dict[str, set] = {"head": set(), "block": set(), "tail": set()}
+
+    class Recording:
+        def __getattr__(self, name: str):
+            return getattr(stages, name)
+
+        def head(self, x):
+            shapes["head"].add(tuple(x.shape))
+            return stages.head(x)
+
+        def block(self, k, part, pooled):
+            shapes["block"].add(tuple(part.shape))
+            return stages.block(k, part, pooled)
+
+        def tail(self, x, fea):
+            shapes["tail"].add(tuple(fea.shape))
+            return stages.tail(x, fea)
+
+    img = image()
+    out = np.empty((2 * H, 2 * W, 3), np.float32)
+    with torch.inference_mode():
+        tiling.run_tiled(Recording(), to_tensor(img).numpy(), out, 9)  # 20 x 24 in 3 x 3 tiles of 6-7 x 8
+    assert shapes == {"head": {(1, 3, 9, 10)}, "block": {(1, 40, 11, 12)}, "tail": {(1, 40, 13, 14)}}
+    assert np.abs(out - np.clip(whole(model, img), 0, 1)).max() <= 1e-4
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16])

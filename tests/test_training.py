@@ -208,7 +208,7 @@ def test_torchrun_two_processes_match_one(tmp_path: Path) -> None:
     assert {"kind": "replicas", "step": 4, "identical": True} in records
     a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
     diff = max(float((a[k] - b[k]).abs().max()) for k in a)
-    assert diff < 1e-5, diff
+    assert diff < 1e-4, diff  # float rounding of the all-reduce, amplified by Adam; a wrong shard or mean moves weights ~1e-3
 
 
 def tiny_benchmark(root: Path, scales: tuple[int, ...]) -> Path:

@@ -26,11 +26,12 @@ import math
 import os
 import platform
 import sys
+import threading
 import time
 import weakref
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -100,12 +101,27 @@ def export_onnx(model: A2N, path: str | os.PathLike) -> Path:
     return path
 
 
+_core: Any = None
+_core_lock = threading.Lock()
+
+
+def openvino_core() -> Any:
+    """The process's one OpenVINO Core, made on first use: OpenVINO wants one per application, and
+    a new Core per model (the tiled path compiles 18) crashed whole processes now and then."""
+    global _core
+    ov = _import("openvino")  # says which extra to install when it is missing
+    with _core_lock:
+        if _core is None:
+            _core = ov.Core()
+        return _core
+
+
 def export_openvino(model: A2N, path: str | os.PathLike) -> Path:
     """Write the whole-image forward as OpenVINO IR (path.xml and path.bin, fp32 weights)."""
     ov = _import("openvino")
     path = Path(path).with_suffix(".xml")
     onnx_path = export_onnx(model, path.with_suffix(".onnx"))
-    ov.save_model(ov.Core().read_model(str(onnx_path)), str(path), compress_to_fp16=False)
+    ov.save_model(openvino_core().read_model(str(onnx_path)), str(path), compress_to_fp16=False)
     onnx_path.unlink()
     return path
 
@@ -181,8 +197,7 @@ def onnxruntime_forward(path: Path, precision: str, threads: int) -> Forward:
 
 def openvino_forward(path: Path, precision: str, threads: int) -> Forward:
     """An OpenVINO CPU model compiled from the exported file at the precision; refuses one the CPU lacks."""
-    ov = _import("openvino")
-    core = ov.Core()
+    core = openvino_core()
     if OV_CAPABILITY[precision] not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
         raise BackendError(f"this CPU has no {precision} support in OpenVINO; use --precision fp32")
     config = {"INFERENCE_PRECISION_HINT": OV_PRECISION[precision], "INFERENCE_NUM_THREADS": threads,
@@ -407,7 +422,7 @@ def candidates() -> list[tuple[str, str]]:
     except BackendError:
         pass
     try:
-        caps = _import("openvino").Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        caps = openvino_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
         found += [("openvino", p) for p in PRECISIONS if OV_CAPABILITY[p] in caps]
     except BackendError:
         pass

@@ -80,22 +80,39 @@ def plan_tile(height: int, width: int, scale: int, channels: int, max_memory: fl
     return min(tile, MAX_TILE)
 
 
+def cuts(length: int, tile: int) -> list[slice]:
+    """length cut into the fewest parts of at most tile, as equal as they can be (sizes differ by at most 1)."""
+    n = math.ceil(length / tile)
+    return [slice(length * i // n, length * (i + 1) // n) for i in range(n)]
+
+
 def tiles(height: int, width: int, tile: int) -> list[Box]:
-    """The tile grid over an image: row-major boxes of at most tile x tile pixels."""
-    return [
-        (slice(y, min(y + tile, height)), slice(x, min(x + tile, width)))
-        for y in range(0, height, tile)
-        for x in range(0, width, tile)
-    ]
+    """The tile grid over an image: row-major boxes of at most tile x tile pixels, of nearly equal size."""
+    return [(ys, xs) for ys in cuts(height, tile) for xs in cuts(width, tile)]
 
 
-def grow(box: Box, halo: int, height: int, width: int) -> tuple[Box, Box]:
-    """The box grown by halo (clipped to the image) and where the original box lies inside it."""
-    ys, xs = box
-    y0, x0 = max(ys.start - halo, 0), max(xs.start - halo, 0)
-    grown = (slice(y0, min(ys.stop + halo, height)), slice(x0, min(xs.stop + halo, width)))
-    inner = (slice(ys.start - y0, ys.stop - y0), slice(xs.start - x0, xs.stop - x0))
-    return grown, inner
+def grow(box: Box, halo: int, height: int, width: int, span: tuple[int, int] | None = None) -> tuple[Box, Box]:
+    """The window a stage runs on for box (box plus halo), and where the box lies inside it.
+
+    Without span the window is clipped to the image. With span (the largest box's height and width)
+    every window is span + 2 * halo pixels (or the whole image side), moved inside the image rather
+    than clipped: a backend then sees one input shape for the whole image, and pays once for it.
+    Either way the window holds the box's receptive field or reaches the image border, so the
+    result is exact.
+    """
+
+    def axis(part: slice, length: int, size: int | None) -> tuple[slice, slice]:
+        lo, hi = part.start - halo, part.stop + halo
+        if size is None:
+            lo, hi = max(lo, 0), min(hi, length)
+        else:
+            size = min(size + 2 * halo, length)
+            lo = min(max(lo, 0), length - size)
+            hi = lo + size
+        return slice(lo, hi), slice(part.start - lo, part.stop - lo)
+
+    (gy, iy), (gx, ix) = axis(box[0], height, span and span[0]), axis(box[1], width, span and span[1])
+    return (gy, gx), (iy, ix)
 
 
 def scaled(box: Box, s: int) -> Box:
@@ -114,11 +131,12 @@ def run_tiled(stages: Stages, x: np.ndarray, out: np.ndarray, tile: int, progres
     x = stages.prepare(x)
     s = stages.scale
     boxes = tiles(h, w, tile)
+    span = (max(ys.stop - ys.start for ys, _ in boxes), max(xs.stop - xs.start for _, xs in boxes))
     bar = tqdm(total=len(boxes) * (2 + 2 * stages.blocks), unit="tile", leave=False,
                disable=None if progress is None else not progress)
     cur, nxt = stages.features(h, w), stages.features(h, w)
     for box in boxes:
-        grown, inner = grow(box, 1, h, w)
+        grown, inner = grow(box, 1, h, w, span)
         cur[:, :, box[0], box[1]] = stages.head(x[:, :, grown[0], grown[1]])[:, :, inner[0], inner[1]]
         bar.update()
     for k in range(stages.blocks):
@@ -128,13 +146,13 @@ def run_tiled(stages: Stages, x: np.ndarray, out: np.ndarray, tile: int, progres
             bar.update()
         pooled = (total / (h * w)).astype(np.float32)[None]
         for box in boxes:
-            grown, inner = grow(box, BLOCK_HALO, h, w)
+            grown, inner = grow(box, BLOCK_HALO, h, w, span)
             nxt[:, :, box[0], box[1]] = stages.block(k, cur[:, :, grown[0], grown[1]], pooled)[:, :, inner[0], inner[1]]
             bar.update()
         cur, nxt = nxt, cur
     del nxt
     for box in boxes:
-        grown, inner = grow(box, TAIL_HALO, h, w)
+        grown, inner = grow(box, TAIL_HALO, h, w, span)
         sr = stages.tail(x[:, :, grown[0], grown[1]], cur[:, :, grown[0], grown[1]])
         ys, xs = scaled(box, s)
         iy, ix = scaled(inner, s)
