@@ -150,7 +150,7 @@ def run(plan: Plan, upscale: Callable[[io.Picture], io.Picture] | None, fmt: str
         nonlocal done
         try:
             work.result()
-            tqdm.write(f"{source} -> {target}")
+            tqdm.write(f"{source} -> {target}\n", end="")  # one write: torchrun's processes share the stream
             done += 1
         except A2NError as exc:
             failed.append((str(source), str(exc)))
@@ -180,7 +180,7 @@ def run(plan: Plan, upscale: Callable[[io.Picture], io.Picture] | None, fmt: str
             settle(*last_write)
     bar.close()
     for source, reason in plan.skipped:
-        tqdm.write(f"skipped {source}: {reason}")
+        tqdm.write(f"skipped {source}: {reason}\n", end="")
     if failed:
         lines = [f"  {reason}" if reason.startswith(source) else f"  {source}: {reason}" for source, reason in failed]
         raise BatchError(
