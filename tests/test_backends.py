@@ -222,6 +222,25 @@ def test_later_upscales_skip_torch(weights: str, tmp_path: Path) -> None:
     assert len(json.loads((tmp_path / "cache" / "express.json").read_text())) == 2
 
 
+def test_auto_times_the_tiled_path_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """auto's backend for tiles comes from timing the tiled path itself, every fp32 candidate, exact; then from the cache."""
+    monkeypatch.setattr(backends, "TILED_PROBE_SIZE", 24)
+    monkeypatch.setattr(backends, "TILED_PROBE_TILE", 12)
+    monkeypatch.setattr(backends, "candidates", lambda: [("torch", "fp32"), ("torch", "bf16"), ("onnxruntime", "fp32")])
+    fresh = A2N(2).eval()  # a model of its own: the choice is cached per weights
+    assert backends.known_tiled_choice(fresh) is None
+    choice = backends.choose_tiled(fresh)
+    table = json.loads((tmp_path / "cache" / "auto.json").read_text())
+    (entry,) = [v for k, v in table.items() if k.endswith("-tiled")]
+    rows = {r["backend"]: r for r in entry["measured"]}
+    assert set(rows) == {"torch", "onnxruntime"}  # fp32 only: tiles stay exact
+    assert rows["torch"]["fidelity_db"] == float("inf") and rows["onnxruntime"]["fidelity_db"] > 100
+    assert choice == entry["backend"] == min(rows, key=lambda b: rows[b]["seconds"])
+    monkeypatch.setattr(backends, "measure_tiled", lambda *a: pytest.fail("measured twice"))
+    assert backends.choose_tiled(fresh) == backends.known_tiled_choice(fresh) == choice
+    assert backends.resolve_tiled(fresh, "openvino") == "openvino"  # a backend asked for is kept
+
+
 def test_memory_plan_counts_the_backend(model: A2N) -> None:
     """ONNX Runtime and OpenVINO need more memory for one forward (bench/memory.py): a budget that fits torch's tiles for them."""
     budget = memory.forward_bytes(128, 128, 2) / 2**30
@@ -265,7 +284,8 @@ def test_big_images_take_the_auto_backend_in_the_api_and_the_cli(weights: str, t
     assert inspect.signature(inference.upscale_picture).parameters["backend"].default == "auto"  # the server's path
     assert build_parser().parse_args(["upscale", "x.png"]).backend == "auto"
     monkeypatch.setattr(backends, "candidates", lambda: [("torch", "fp32"), ("onnxruntime", "fp32")])
-    monkeypatch.setattr(backends, "choose", lambda model: ("onnxruntime", "fp32"))  # what auto picks, fixed here
+    monkeypatch.setattr(backends, "choose", lambda model: ("onnxruntime", "fp32"))  # what auto picks, fixed here:
+    monkeypatch.setattr(backends, "choose_tiled", lambda model: "torch")  # another backend for tiles
     used = []
     real = backends.get_stages
     monkeypatch.setattr(backends, "get_stages", lambda model, backend="torch": used.append(backend) or real(model, backend))
@@ -275,6 +295,6 @@ def test_big_images_take_the_auto_backend_in_the_api_and_the_cli(weights: str, t
     assert main(["upscale", str(tmp_path / "a.png"), "--scale", "2", "--weights", weights, "--max-memory", budget,
                  "-o", str(tmp_path / "out")]) == 0
     api = a2n.upscale(rgb8, load_model(2, weights=weights), max_memory=float(budget))
-    assert used == ["onnxruntime", "onnxruntime"]  # auto's choice, on the tiled path of both
-    assert isinstance(real(load_model(2, weights=weights), "auto"), backends.ExportedStages)
+    assert used == ["torch", "torch"]  # auto's choice for tiles, on the tiled path of both
+    assert isinstance(real(load_model(2, weights=weights), "auto"), backends.TorchStages)
     assert np.array_equal(io.read_rgb8(tmp_path / "out" / "a_x2.png"), api)

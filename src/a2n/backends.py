@@ -51,6 +51,7 @@ MIN_FIDELITY_DB = 45.0
 EXPORT_TOLERANCE = 1e-4
 OPSET = 17
 PROBE_SIZE = 64  # LR side of the image auto times and scores each candidate on
+TILED_PROBE_SIZE, TILED_PROBE_TILE = 192, 96  # the same for the tiled path: 4 tiles, windows of 98 to 102 pixels
 OV_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
 OV_CAPABILITY = {"fp32": "FP32", "bf16": "BF16", "fp16": "FP16"}
 
@@ -361,6 +362,7 @@ def stages_folder(model: A2N) -> Path:
 _runners: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _stages: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _choices: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # auto's pick per model, so a folder looks it up once
+_tiled_choices: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # the same for the tiled path
 
 
 def resolve(model: A2N, backend: str, precision: str) -> tuple[str, str]:
@@ -374,6 +376,17 @@ def resolve(model: A2N, backend: str, precision: str) -> tuple[str, str]:
             _choices[model] = choose(model)
         return _choices[model]
     return backend, precision
+
+
+def resolve_tiled(model: A2N, backend: str) -> str:
+    """The backend the tiled path runs on: backend itself, or for auto the fastest on tiles (choose_tiled)."""
+    if backend not in BACKENDS:
+        raise BackendError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend != "auto":
+        return backend
+    if model not in _tiled_choices:
+        _tiled_choices[model] = choose_tiled(model)
+    return _tiled_choices[model]
 
 
 def get_runner(model: A2N, backend: str = "torch", precision: str = "fp32") -> Runner:
@@ -391,10 +404,10 @@ def get_runner(model: A2N, backend: str = "torch", precision: str = "fp32") -> R
 
 
 def get_stages(model: A2N, backend: str = "torch") -> TorchStages | ExportedStages:
-    """The tiled forward's stages of model on backend, always fp32 (auto: the backend of the cached choice)."""
+    """The tiled forward's stages of model on backend, always fp32 (auto: the fastest on tiles, resolve_tiled)."""
     import torch
 
-    backend, _ = resolve(model, backend, "fp32")
+    backend = resolve_tiled(model, backend)
     made = _stages.setdefault(model, {})
     if backend not in made:
         if backend == "torch":
@@ -461,6 +474,33 @@ def measure(model: A2N, pairs: list[tuple[str, str]], size: int | None = None, r
     return rows
 
 
+def measure_tiled(model: A2N, names: list[str], size: int | None = None, tile: int | None = None) -> list[dict]:
+    """Seconds of the tiled path (after a run that compiles the tile shape) and fidelity in dB vs torch, per backend."""
+    import torch
+
+    size, tile = size or TILED_PROBE_SIZE, tile or TILED_PROBE_TILE
+    x = probe_image(size).numpy()
+    scale = model.scale
+    outputs = {}
+    rows = []
+    with torch.inference_mode():
+        for name in ["torch"] + [n for n in names if n != "torch"]:
+            try:
+                stages = get_stages(model, name)
+                out = np.empty((size * scale, size * scale, 3), np.float32)
+                tiling.run_tiled(stages, x, out, tile)
+                start = time.perf_counter()
+                tiling.run_tiled(stages, x, out, tile)
+                seconds = time.perf_counter() - start
+            except A2NError as exc:
+                rows.append({"backend": name, "error": str(exc)})
+                continue
+            outputs[name] = out
+            mse = float(np.mean((out - outputs["torch"]) ** 2))
+            rows.append({"backend": name, "seconds": seconds, "fidelity_db": math.inf if mse == 0 else 10 * math.log10(1 / mse)})
+    return [r for r in rows if r["backend"] in names]
+
+
 def _timed(run: Runner, x: torch.Tensor) -> float:
     start = time.perf_counter()
     run(x)
@@ -493,10 +533,7 @@ def choose(model: A2N) -> tuple[str, str]:
     """The fastest (backend, precision) with fidelity >= 45 dB for this machine and weights, measured once and cached."""
     path = cache_dir() / "auto.json"
     key = f"{machine_key()}-{weights_key(model)}"
-    try:
-        table = json.loads(path.read_text())
-    except (OSError, ValueError):
-        table = {}
+    table = read_table(path)
     pairs = candidates()
     if len(pairs) == 1:  # nothing to choose between (a plain install without native bf16)
         return pairs[0]
@@ -506,11 +543,57 @@ def choose(model: A2N) -> tuple[str, str]:
         good = [r for r in rows if "seconds" in r and r["fidelity_db"] >= MIN_FIDELITY_DB]
         best = min(good, key=lambda r: r["seconds"])
         table[key] = {"backend": best["backend"], "precision": best["precision"], "measured": rows}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".auto.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(table, indent=1))
-        os.replace(tmp, path)
+        write_table(path, table)
     return table[key]["backend"], table[key]["precision"]
+
+
+def read_table(path: Path) -> dict:
+    """A JSON table of the cache folder ({} when absent or unreadable: it is remade)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def write_table(path: Path, table: dict) -> None:
+    """Replace a JSON table of the cache folder atomically (concurrent runs never read half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(table, indent=1))
+    os.replace(tmp, path)
+
+
+def tiled_key(model: A2N) -> str:
+    return f"{machine_key()}-{weights_key(model)}-tiled"
+
+
+def choose_tiled(model: A2N) -> str:
+    """The fastest fp32 backend for the tiled path on this machine and weights, measured once and cached.
+
+    Tiles do not run at the speed of a whole image (per-call costs, other shapes), and the backend
+    fastest on one is not always fastest on the other, so auto times the tiled path itself.
+    """
+    path = cache_dir() / "auto.json"
+    key = tiled_key(model)
+    names = [b for b, p in candidates() if p == "fp32"]
+    if len(names) == 1:
+        return names[0]
+    table = read_table(path)
+    if key not in table:
+        print(f"a2n: timing the tiled path on {len(names)} backends once for this machine and weights (kept in {path})",
+              file=sys.stderr)
+        rows = measure_tiled(model, names)
+        good = [r for r in rows if "seconds" in r and r["fidelity_db"] >= MIN_FIDELITY_DB]
+        table[key] = {"backend": min(good, key=lambda r: r["seconds"])["backend"], "measured": rows}
+        write_table(path, table)
+    return table[key]["backend"]
+
+
+def known_tiled_choice(model: A2N) -> str | None:
+    """auto's backend for the tiled path if it was measured already (never measures)."""
+    if model in _tiled_choices:
+        return _tiled_choices[model]
+    return read_table(cache_dir() / "auto.json").get(tiled_key(model), {}).get("backend")
 
 
 def express_key(weights: Path, scale: int, variant: str, backend: str, precision: str, threads: int | None) -> str:
@@ -524,26 +607,24 @@ def express_key(weights: Path, scale: int, variant: str, backend: str, precision
 
 
 def remember_express(key: str, model: A2N, backend: str, precision: str) -> None:
-    """Record that this request runs model on a runtime other than torch, so that later runs can skip torch."""
+    """Record that this request runs model on a runtime other than torch, so that later runs can skip torch.
+
+    The tiled path's backend is recorded too once known (auto measures it on the first big image).
+    """
     import torch
 
+    tiled = backend if backend != "auto" else known_tiled_choice(model)
     backend, precision = resolve(model, backend, precision)
     if backend == "torch":
         return
     get_runner(model, backend, precision)  # raises here, before anything is recorded, when the pair cannot run
     entry = {"backend": backend, "precision": precision, "onnx": str(cached_onnx(model)), "stages": str(stages_folder(model)),
-             "threads": torch.get_num_threads()}
+             "tiled": tiled, "threads": torch.get_num_threads()}
     path = cache_dir() / "express.json"
-    try:
-        table = json.loads(path.read_text())
-    except (OSError, ValueError):
-        table = {}
+    table = read_table(path)
     if table.get(key) != entry:
         table[key] = entry
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".express.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(table, indent=1))
-        os.replace(tmp, path)
+        write_table(path, table)
 
 
 def express_upscaler(key: str, scale: int, slow_path: Callable[[np.ndarray], np.ndarray],
@@ -551,11 +632,11 @@ def express_upscaler(key: str, scale: int, slow_path: Callable[[np.ndarray], np.
     """A picture upscaler on the runtime recorded for key, made without importing torch; None when nothing is recorded.
 
     Images whose whole-image forward would exceed the memory budget take the exact tiled path on
-    the exported stages when they exist, and slow_path (the torch model, loaded then) otherwise.
+    the exported stages when the tiled path's backend is recorded as one of the runtimes, and
+    slow_path (the torch model, loaded then) otherwise.
     """
-    try:
-        entry = json.loads((cache_dir() / "express.json").read_text())[key]
-    except (OSError, ValueError, KeyError):
+    entry = read_table(cache_dir() / "express.json").get(key)
+    if entry is None:
         return None
     onnx = Path(entry["onnx"])
     if not onnx.is_file():
@@ -571,12 +652,12 @@ def express_upscaler(key: str, scale: int, slow_path: Callable[[np.ndarray], np.
         h, w = rgb.shape[:2]
         if memory.forward_bytes(h, w, scale, entry["backend"]) <= memory.budget_bytes(max_memory):
             return pixels.from_planes(forward(pixels.to_planes(rgb)), rgb.dtype)
-        folder = Path(entry.get("stages", ""))
-        if not (folder / "stages.json").is_file():
+        folder, tiled = Path(entry.get("stages", "")), entry.get("tiled")
+        if tiled not in ("onnxruntime", "openvino") or not (folder / "stages.json").is_file():
             return slow_path(rgb)
         if not stages:
-            stages.append(ExportedStages(folder, entry["backend"], entry["threads"]))
-        tile = tiling.plan_tile(h, w, scale, stages[0].channels, max_memory, rgb.dtype.itemsize, entry["backend"])
+            stages.append(ExportedStages(folder, tiled, entry["threads"]))
+        tile = tiling.plan_tile(h, w, scale, stages[0].channels, max_memory, rgb.dtype.itemsize, tiled)
         out = np.empty((h * scale, w * scale, 3), dtype=rgb.dtype)
         tiling.run_tiled(stages[0], pixels.to_planes(rgb), out, tile or max(h, w), None)
         return out

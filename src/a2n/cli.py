@@ -141,7 +141,7 @@ def _upscaler(args: argparse.Namespace):
     key = None
     if args.backend != "torch" and args.tile is None and weights is not None and weights.is_file():
         key = backends.express_key(weights, args.scale, args.variant, args.backend, args.precision, args.threads)
-        fast = backends.express_upscaler(key, args.scale, _slow_path(args), args.max_memory)
+        fast = backends.express_upscaler(key, args.scale, _slow_path(args, key), args.max_memory)
         if fast is not None:
             return fast
     from a2n.inference import upscale_picture
@@ -153,16 +153,24 @@ def _upscaler(args: argparse.Namespace):
                    backend=args.backend, precision=args.precision)
 
 
-def _slow_path(args: argparse.Namespace):
-    """An RGB upscaler on the torch model, loaded on first use: the express path's fallback for big images."""
+def _slow_path(args: argparse.Namespace, key: str):
+    """An RGB upscaler on the torch model, loaded on first use: the express path's fallback for big images.
+
+    Its first image records what it learned (auto's backend for tiles), so later runs stay torch-free.
+    """
     loaded: list = []
 
     def upscale_rgb(rgb):
+        from a2n import backends
         from a2n.inference import upscale_array
 
-        if not loaded:
+        first = not loaded
+        if first:
             loaded.append(_load_model(args))
-        return upscale_array(loaded[0], rgb, None, args.max_memory, None, args.backend, args.precision)
+        out = upscale_array(loaded[0], rgb, None, args.max_memory, None, args.backend, args.precision)
+        if first:
+            backends.remember_express(key, loaded[0], args.backend, args.precision)
+        return out
 
     return upscale_rgb
 

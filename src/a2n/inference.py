@@ -101,13 +101,17 @@ def upscale_array(
     h, w = rgb.shape[:2]
     if tile is not None and tile < 1:
         raise ImageInputError(f"the tile size must be a positive number of pixels, got {tile}")
-    backend, precision = backends.resolve(model, backend, precision)
-    if tile is None:
-        tile = plan_tile(h, w, model, max_memory, rgb.dtype.itemsize, backend)
+    whole, precision = backends.resolve(model, backend, precision)
+    planned = tile is None
+    if planned:
+        tile = plan_tile(h, w, model, max_memory, rgb.dtype.itemsize, whole)
     if tile is None or tile >= max(h, w):
-        return to_array(backends.get_runner(model, backend, precision)(to_tensor(rgb)), rgb.dtype)
+        return to_array(backends.get_runner(model, whole, precision)(to_tensor(rgb)), rgb.dtype)
+    tiled = backends.resolve_tiled(model, backend)  # auto: the fastest backend on tiles, which may be another
+    if planned and tiled != whole:
+        tile = plan_tile(h, w, model, max_memory, rgb.dtype.itemsize, tiled) or tile  # its memory; None: it would fit whole
     out = np.empty((h * model.scale, w * model.scale, 3), dtype=rgb.dtype)
-    forward_tiled(model, to_tensor(rgb), out, tile, progress, backend)
+    forward_tiled(model, to_tensor(rgb), out, tile, progress, tiled)
     return out
 
 
