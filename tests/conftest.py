@@ -57,8 +57,8 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(autouse=True)
 def collect_garbage() -> Iterator[None]:
-    """Free what each test leaves (compiled OpenVINO models among it) on the main thread right away: freed
-    later by a collection on another thread (TensorBoard's writer in the training tests), they crash the process."""
+    """Free what each test leaves (compiled OpenVINO models, ONNX Runtime sessions) right after it, so that
+    native runtimes are released where they were used, not inside some later test's garbage collection."""
     yield
     import gc
 
