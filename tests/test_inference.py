@@ -179,10 +179,11 @@ def test_plan_tile() -> None:
     """Small images run whole; big ones get tiles within bounds; an impossible budget is a clear error."""
     model = random_model(4)
     assert plan_tile(180, 320, model, max_memory=4.0) is None
-    tile = plan_tile(2000, 2000, model, max_memory=2.5)
-    assert tile is not None and MIN_TILE <= tile <= MAX_TILE
-    smaller = plan_tile(2000, 2000, model, max_memory=1.9)
-    assert smaller is not None and smaller < tile
+    assert plan_tile(2000, 2000, model, max_memory=2.5) == MAX_TILE
+    tile = plan_tile(2000, 2000, model, max_memory=1.6)
+    assert tile is not None and MIN_TILE <= tile < MAX_TILE
+    smaller = plan_tile(2000, 2000, model, max_memory=1.5)
+    assert smaller is not None and MIN_TILE <= smaller < tile
     with pytest.raises(MemoryBudgetError, match="raise --max-memory"):
         plan_tile(2000, 2000, model, max_memory=1.0)
 

@@ -51,7 +51,7 @@ MIN_FIDELITY_DB = 45.0
 EXPORT_TOLERANCE = 1e-4
 OPSET = 17
 PROBE_SIZE = 64  # LR side of the image auto times and scores each candidate on
-TILED_PROBE_SIZE, TILED_PROBE_TILE = 192, 96  # the same for the tiled path: 4 tiles, windows of 98 to 102 pixels
+TILED_PROBE_SIZE, TILED_PROBE_TILE = 256, tiling.MAX_TILE  # the same for the tiled path: 4 tiles of the largest size
 OV_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
 OV_CAPABILITY = {"fp32": "FP32", "bf16": "BF16", "fp16": "FP16"}
 

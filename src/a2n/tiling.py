@@ -26,7 +26,7 @@ Box = tuple[slice, slice]
 
 BLOCK_HALO = 2  # an AAB block reaches 2 LR pixels: a 3x3 conv after a 3x3 conv in its attention branch
 TAIL_HALO = 3  # head and trunk_conv (1) + the reconstruction's convs (at most 2 LR pixels at x2, x3, x4)
-MAX_TILE = 256  # larger tiles are not faster on a CPU (bench/RESULTS.md, tile sizes), only bigger
+MAX_TILE = 128  # larger tiles are not faster on a CPU, only bigger: their features outgrow the caches (bench/RESULTS.md, tile sizes)
 MIN_TILE = 32
 
 
