@@ -94,7 +94,7 @@ def upscale_array(
 
     tile is the tile side in input pixels; by default it is chosen from max_memory (GiB), and an
     image that fits is run whole. The result is the same either way. backend and precision pick
-    where it runs (a2n.backends); tiles run on the same backend in fp32, exactly.
+    where it runs (a2n.backends); tiles run in fp32, exactly, on that backend (auto: the fastest on tiles).
     """
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ImageInputError(f"expected an HxWx3 RGB array, got shape {rgb.shape}")
