@@ -3,10 +3,11 @@
 The model is exported once to ONNX with dynamic height and width (`a2n export`, or on first use
 into the cache folder, keyed by the weights), and the other runtimes load that file. An image too
 large for the memory budget goes through the exact tiled path (a2n.tiling), whose stages (head,
-each block, tail) are exported the same way and run on the same backend, in fp32 so that tiling
-stays exact everywhere (`get_stages`). `auto` times every combination this CPU supports once,
-keeps the fastest whose output is within 45 dB PSNR of the fp32 forward, and caches the choice
-per machine and weights.
+each block, tail) are exported the same way and run on the backend asked for, in fp32 so that
+tiling stays exact everywhere (`get_stages`). `auto` times every combination this CPU supports
+once, keeps the fastest whose output is within 45 dB PSNR of the fp32 forward, and caches the
+choice per machine and weights; it times the tiled path apart (`choose_tiled`), since a backend
+fastest on a whole image is not always fastest on tiles.
 
 Importing torch takes over a second, so once `a2n upscale` has run a weights file on ONNX Runtime
 or OpenVINO, it records that in the cache (express.json), and later runs with the same file and
