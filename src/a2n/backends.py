@@ -109,7 +109,7 @@ _core_lock = threading.Lock()
 
 def openvino_core() -> Any:
     """The process's one OpenVINO Core, made on first use: OpenVINO wants one per application, and
-    a new Core per model (the tiled path compiles 18) crashed whole processes now and then."""
+    a new Core per model (the tiled path compiles 18) crashed the test suite's process every time."""
     global _core
     ov = _import("openvino")  # says which extra to install when it is missing
     with _core_lock:
@@ -565,6 +565,7 @@ def write_table(path: Path, table: dict) -> None:
 
 
 def tiled_key(model: A2N) -> str:
+    """The auto.json key of the tiled path's choice: machine and weights, like the whole-image one."""
     return f"{machine_key()}-{weights_key(model)}-tiled"
 
 
