@@ -496,9 +496,8 @@ def measure_tiled(model: A2N, names: list[str], size: int | None = None, tile: i
             except A2NError as exc:
                 rows.append({"backend": name, "error": str(exc)})
                 continue
-            outputs[name] = out
-            mse = float(np.mean((out - outputs["torch"]) ** 2))
-            rows.append({"backend": name, "seconds": seconds, "fidelity_db": math.inf if mse == 0 else 10 * math.log10(1 / mse)})
+            outputs[name] = torch.from_numpy(out)
+            rows.append({"backend": name, "seconds": seconds, "fidelity_db": fidelity_db(outputs[name], outputs["torch"])})
     return [r for r in rows if r["backend"] in names]
 
 
@@ -532,20 +531,25 @@ def machine_key() -> str:
 
 def choose(model: A2N) -> tuple[str, str]:
     """The fastest (backend, precision) with fidelity >= 45 dB for this machine and weights, measured once and cached."""
-    path = cache_dir() / "auto.json"
-    key = f"{machine_key()}-{weights_key(model)}"
-    table = read_table(path)
     pairs = candidates()
     if len(pairs) == 1:  # nothing to choose between (a plain install without native bf16)
         return pairs[0]
+    entry = cached_fastest(f"{machine_key()}-{weights_key(model)}", f"{len(pairs)} backends", lambda: measure(model, pairs))
+    return entry["backend"], entry["precision"]
+
+
+def cached_fastest(key: str, what: str, timings: Callable[[], list[dict]]) -> dict:
+    """auto.json's entry for key: the fastest row of timings() with fidelity >= 45 dB, measured on first use only."""
+    path = cache_dir() / "auto.json"
+    table = read_table(path)
     if key not in table:
-        print(f"a2n: timing {len(pairs)} backends once for this machine and weights (kept in {path})", file=sys.stderr)
-        rows = measure(model, pairs)
+        print(f"a2n: timing {what} once for this machine and weights (kept in {path})", file=sys.stderr)
+        rows = timings()
         good = [r for r in rows if "seconds" in r and r["fidelity_db"] >= MIN_FIDELITY_DB]
         best = min(good, key=lambda r: r["seconds"])
-        table[key] = {"backend": best["backend"], "precision": best["precision"], "measured": rows}
+        table[key] = {**{k: best[k] for k in ("backend", "precision") if k in best}, "measured": rows}
         write_table(path, table)
-    return table[key]["backend"], table[key]["precision"]
+    return table[key]
 
 
 def read_table(path: Path) -> dict:
@@ -575,20 +579,11 @@ def choose_tiled(model: A2N) -> str:
     Tiles do not run at the speed of a whole image (per-call costs, other shapes), and the backend
     fastest on one is not always fastest on the other, so auto times the tiled path itself.
     """
-    path = cache_dir() / "auto.json"
-    key = tiled_key(model)
     names = [b for b, p in candidates() if p == "fp32"]
     if len(names) == 1:
         return names[0]
-    table = read_table(path)
-    if key not in table:
-        print(f"a2n: timing the tiled path on {len(names)} backends once for this machine and weights (kept in {path})",
-              file=sys.stderr)
-        rows = measure_tiled(model, names)
-        good = [r for r in rows if "seconds" in r and r["fidelity_db"] >= MIN_FIDELITY_DB]
-        table[key] = {"backend": min(good, key=lambda r: r["seconds"])["backend"], "measured": rows}
-        write_table(path, table)
-    return table[key]["backend"]
+    entry = cached_fastest(tiled_key(model), f"the tiled path on {len(names)} backends", lambda: measure_tiled(model, names))
+    return entry["backend"]
 
 
 def known_tiled_choice(model: A2N) -> str | None:
