@@ -231,7 +231,7 @@ def test_auto_times_the_tiled_path_once(monkeypatch: pytest.MonkeyPatch, tmp_pat
     assert backends.known_tiled_choice(fresh) is None
     choice = backends.choose_tiled(fresh)
     table = json.loads((tmp_path / "cache" / "auto.json").read_text())
-    (entry,) = [v for k, v in table.items() if k.endswith("-tiled")]
+    (entry,) = [v for k, v in table.items() if k.endswith(f"-tiled{backends.STAGES_FORMAT}")]
     rows = {r["backend"]: r for r in entry["measured"]}
     assert set(rows) == {"torch", "onnxruntime"}  # fp32 only: tiles stay exact
     assert rows["torch"]["fidelity_db"] == float("inf") and rows["onnxruntime"]["fidelity_db"] > 100
@@ -272,6 +272,31 @@ def test_tiled_stages_run_on_the_backend_and_stay_exact(backend: str) -> None:
     import gc
 
     gc.collect()
+
+
+def test_openvino_stages_compile_per_shape_keep_few_and_share_across_threads(model: A2N, tmp_path: Path) -> None:
+    """A tiled stage on OpenVINO compiles once per input shape (static shapes), keeps at most KEEP_SHAPES,
+    takes features channels-last, and gives each of several threads its own infer request."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    stages = backends.ExportedStages(backends.export_stages(model, tmp_path / "stages"), "openvino", 1)
+    block = stages._blocks[0]
+    part = torch.rand(1, 40, 12, 14)
+    pooled = part.mean(dim=(2, 3))
+    inner = (slice(2, 10), slice(2, 12))
+    with torch.inference_mode():
+        ref = model.blocks[0].mix(part, model.blocks[0].entry(part), pooled)
+        ref_sum = model.blocks[1].entry(ref[:, :, inner[0], inner[1]]).sum(dim=(0, 2, 3))
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: stages.block(0, part.numpy(), pooled.numpy(), inner), range(8)))
+    for out, summed in results:
+        assert np.abs(out - ref[:, :, inner[0], inner[1]].numpy()).max() <= 1e-4
+        assert np.allclose(summed, ref_sum.numpy(), rtol=1e-4, atol=1e-3)
+    assert list(block.compiled) == [((1, 12, 14, 40), (1, 40), (12,), (14,))]  # one shape, channels-last
+    assert 1 <= len(block.compiled[next(iter(block.compiled))][1]) <= 4  # requests kept for reuse, one per thread at most
+    for side in (9, 10, 11):
+        stages.block(0, np.zeros((1, 40, side, side), np.float32), pooled.numpy(), (slice(0, side), slice(0, side)))
+    assert [shapes[0] for shapes in block.compiled] == [(1, 10, 10, 40), (1, 11, 11, 40)][-block.KEEP_SHAPES:]
 
 
 def test_big_images_take_the_auto_backend_in_the_api_and_the_cli(weights: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

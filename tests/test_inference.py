@@ -140,13 +140,13 @@ def test_a_stage_sees_one_input_shape_per_image() -> None:
         def __getattr__(self, name: str):
             return getattr(stages, name)
 
-        def head(self, x):
+        def head(self, x, inner):
             shapes["head"].add(tuple(x.shape))
-            return stages.head(x)
+            return stages.head(x, inner)
 
-        def block(self, k, part, pooled):
+        def block(self, k, part, pooled, inner):
             shapes["block"].add(tuple(part.shape))
-            return stages.block(k, part, pooled)
+            return stages.block(k, part, pooled, inner)
 
         def tail(self, x, fea):
             shapes["tail"].add(tuple(fea.shape))

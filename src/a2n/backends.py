@@ -57,7 +57,8 @@ OV_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
 OV_CAPABILITY = {"fp32": "FP32", "bf16": "BF16", "fp16": "FP16"}
 
 Runner = Callable[["torch.Tensor"], "torch.Tensor"]
-Forward = Callable[..., np.ndarray]  # float32 arrays in the graph's input order -> its output
+Forward = Callable[..., np.ndarray]  # float32 arrays in the graph's input order -> its first output
+Outputs = Callable[..., list[np.ndarray]]  # the same -> all of its outputs
 
 
 class BackendError(A2NError):
@@ -183,7 +184,7 @@ def torch_runner(model: A2N, precision: str) -> Runner:
     return run
 
 
-def onnxruntime_forward(path: Path, precision: str, threads: int) -> Forward:
+def onnxruntime_outputs(path: Path, precision: str, threads: int) -> Outputs:
     """An ONNX Runtime CPU session on the exported file (fp32 only: its CPU kernels have no bf16/fp16 convs)."""
     ort = _import("onnxruntime")
     if precision != "fp32":
@@ -194,25 +195,80 @@ def onnxruntime_forward(path: Path, precision: str, threads: int) -> Forward:
     options.enable_cpu_mem_arena = False  # the tiled path keeps 18 sessions: arenas would each hold a tile's peak
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
-    return lambda *xs: session.run(None, dict(zip(names, xs)))[0]
+    return lambda *xs: session.run(None, dict(zip(names, xs)))
+
+
+def onnxruntime_forward(path: Path, precision: str, threads: int) -> Forward:
+    """onnxruntime_outputs, first output only (the whole-image forward has one)."""
+    run = onnxruntime_outputs(path, precision, threads)
+    return lambda *xs: run(*xs)[0]
+
+
+def openvino_config(precision: str, threads: int) -> dict:
+    """Compile options for OpenVINO on the CPU at precision; refuses a precision the CPU lacks."""
+    if OV_CAPABILITY[precision] not in openvino_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        raise BackendError(f"this CPU has no {precision} support in OpenVINO; use --precision fp32")
+    return {"INFERENCE_PRECISION_HINT": OV_PRECISION[precision], "INFERENCE_NUM_THREADS": threads,
+            "PERFORMANCE_HINT": "LATENCY", "CPU_RUNTIME_CACHE_CAPACITY": 0}  # no kernels kept per input shape
 
 
 def openvino_forward(path: Path, precision: str, threads: int) -> Forward:
-    """An OpenVINO CPU model compiled from the exported file at the precision; refuses one the CPU lacks."""
+    """An OpenVINO CPU model compiled from the exported file at the precision, for any input size."""
     core = openvino_core()
-    if OV_CAPABILITY[precision] not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
-        raise BackendError(f"this CPU has no {precision} support in OpenVINO; use --precision fp32")
-    config = {"INFERENCE_PRECISION_HINT": OV_PRECISION[precision], "INFERENCE_NUM_THREADS": threads,
-              "PERFORMANCE_HINT": "LATENCY", "CACHE_DIR": str(cache_dir() / "openvino"),  # compiled once, reloaded after
-              "CPU_RUNTIME_CACHE_CAPACITY": 0}  # no kernels kept per input shape: the tiled path's 18 models would each hold them
+    config = {**openvino_config(precision, threads), "CACHE_DIR": str(cache_dir() / "openvino")}  # compiled once, reloaded after
     compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
 
     def run(*xs: np.ndarray) -> np.ndarray:
         request = compiled.create_infer_request()
-        request.infer(dict(enumerate(xs)))
-        return np.array(request.get_output_tensor(0).data)
+        return request.infer(dict(enumerate(xs)), share_inputs=True)[0]
 
     return run
+
+
+class OpenVINOStage:
+    """One stage of the tiled path on OpenVINO, compiled for each input shape it meets.
+
+    Windows have one shape per image (tiling.grow), and a model compiled for a static shape runs
+    faster than a dynamic one; its infer requests are kept and reused (thread-safe), so that a call
+    allocates nothing. The last KEEP_SHAPES shapes stay compiled. Feature maps (FEATURES) go in and
+    out channels-last (1 x H x W x C), the layout OpenVINO's CPU convolutions work in, which saves
+    a reorder at each end of every stage.
+    """
+
+    KEEP_SHAPES = 2
+    FEATURES = ("part", "trunk", "fea", "out")
+
+    def __init__(self, path: Path, threads: int) -> None:
+        self.path, self.config = path, openvino_config("fp32", threads)
+        self.compiled: dict[tuple, tuple[Any, list]] = {}  # shapes -> (compiled model, idle requests), oldest first
+        self.lock = threading.Lock()
+
+    def _compile(self, shapes: tuple) -> Any:
+        ov = _import("openvino")
+        core = openvino_core()
+        model = core.read_model(str(self.path))
+        steps = ov.preprocess.PrePostProcessor(model)
+        for port, step in [(p, steps.input(p.get_any_name())) for p in model.inputs] + [(p, steps.output(p.get_any_name())) for p in model.outputs]:
+            if port.get_any_name() in self.FEATURES:
+                step.tensor().set_layout(ov.Layout("NHWC"))
+                step.model().set_layout(ov.Layout("NCHW"))
+        model = steps.build()
+        model.reshape({port.get_any_name(): list(shape) for port, shape in zip(model.inputs, shapes)})
+        return core.compile_model(model, "CPU", self.config)
+
+    def __call__(self, *xs: np.ndarray) -> list[np.ndarray]:
+        shapes = tuple(x.shape for x in xs)
+        with self.lock:
+            if shapes not in self.compiled:
+                while len(self.compiled) >= self.KEEP_SHAPES:
+                    del self.compiled[next(iter(self.compiled))]
+                self.compiled[shapes] = (self._compile(shapes), [])
+            compiled, idle = self.compiled[shapes]
+            request = idle.pop() if idle else compiled.create_infer_request()
+        outputs = request.infer(dict(enumerate(xs)), share_inputs=True).to_tuple()  # copies: the request is reused
+        with self.lock:
+            idle.append(request)
+        return list(outputs)
 
 
 def _torch_wrapped(forward: Forward) -> Runner:
@@ -243,11 +299,15 @@ def cached_onnx(model: A2N) -> Path:
     return path
 
 
+STAGES_FORMAT = 2  # stages.json's format: 2 since the head and the blocks sum the next entry themselves
+
+
 def export_stages(model: A2N, folder: str | os.PathLike) -> Path:
     """Write the stages of the tiled forward as ONNX (fp32, dynamic height and width) into a folder.
 
-    head.onnx (lr -> fea), block00.onnx .. (part, pooled -> part), tail.onnx (lr, trunk -> sr) and
-    entry.npy, each block's 1x1 entry weights, which ExportedStages applies itself to sum the pooled mean.
+    head.onnx (lr, rows, cols -> fea, sum), block00.onnx .. (part, pooled, rows, cols -> part, sum;
+    the last block has no rows, cols or sum) and tail.onnx (lr, trunk -> sr); sum is the next block's
+    entry summed over the rows x cols masks (model.entry_sum).
     """
     import shutil
     import warnings
@@ -260,25 +320,41 @@ def export_stages(model: A2N, folder: str | os.PathLike) -> Path:
     tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     shadow = copy.deepcopy(model).cpu().float().eval()
-    nf = shadow.conv_first.out_channels
-    hw = {2: "height", 3: "width"}
-    x, fea = torch.rand(1, 3, 16, 16), torch.rand(1, nf, 16, 16)
-    graphs = [(HeadStage(shadow), (x,), "head", ["lr"]), (TailStage(shadow), (x, fea), "tail", ["lr", "trunk"])]
-    graphs += [(BlockStage(b), (fea, torch.rand(1, nf)), f"block{k:02d}", ["part", "pooled"]) for k, b in enumerate(shadow.blocks)]
+    nf, n = shadow.conv_first.out_channels, len(shadow.blocks)
+    image, spatial = {2: "height", 3: "width"}, {"rows": {0: "height"}, "cols": {0: "width"}}
+    x, fea, masks = torch.rand(1, 3, 16, 16), torch.rand(1, nf, 16, 16), (torch.ones(16), torch.ones(16))
+    graphs = [(HeadStage(shadow), (x, *masks), "head", ["lr", "rows", "cols"], ["fea", "sum"], {"lr": image, "fea": image, **spatial}),
+              (TailStage(shadow), (x, fea), "tail", ["lr", "trunk"], ["sr"], {"lr": image, "trunk": image, "sr": image})]
+    for k, block in enumerate(shadow.blocks):
+        if k + 1 < n:
+            graphs.append((BlockStage(block, shadow.blocks[k + 1]), (fea, torch.rand(1, nf), *masks), f"block{k:02d}",
+                           ["part", "pooled", "rows", "cols"], ["out", "sum"], {"part": image, "out": image, **spatial}))
+        else:
+            graphs.append((BlockStage(block), (fea, torch.rand(1, nf)), f"block{k:02d}", ["part", "pooled"], ["out"],
+                           {"part": image, "out": image}))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for module, inputs, name, names in graphs:
+        for module, inputs, name, input_names, output_names, axes in graphs:
             torch.onnx.export(module, inputs, str(tmp / f"{name}.onnx"), dynamo=False, opset_version=OPSET,
-                              input_names=names, output_names=["out"],
-                              dynamic_axes={**{n: hw for n in names if n != "pooled"}, "out": hw})
-    entry = np.stack([b.conv_first.weight.detach().numpy()[:, :, 0, 0] for b in shadow.blocks])
-    np.save(tmp / "entry.npy", entry)
-    (tmp / "stages.json").write_text(json.dumps({"scale": shadow.scale, "channels": nf, "blocks": len(shadow.blocks)}))
+                              input_names=input_names, output_names=output_names, dynamic_axes=axes)
+    meta = {"format": STAGES_FORMAT, "scale": shadow.scale, "channels": nf, "blocks": n}
+    (tmp / "stages.json").write_text(json.dumps(meta))
     try:
         os.replace(tmp, folder)
     except OSError:  # another process exported the same weights first
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def stages_ready(folder: Path) -> bool:
+    """Whether folder holds stages that this version exports (older formats are remade)."""
+    return read_table(folder / "stages.json").get("format") == STAGES_FORMAT
+
+
+def _summed(y: torch.Tensor) -> np.ndarray:
+    import torch
+
+    return y.sum(dim=(0, 2, 3), dtype=torch.float64).cpu().numpy()
 
 
 class TorchStages:
@@ -299,19 +375,16 @@ class TorchStages:
 
         return torch.empty(1, self.channels, height, width, device=self.device, memory_format=torch.channels_last)
 
-    def head(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.head(x)
+    def head(self, x: torch.Tensor, inner: tiling.Box) -> tuple[torch.Tensor, np.ndarray]:
+        fea = self.model.head(x)[:, :, inner[0], inner[1]]
+        return fea, _summed(self.model.blocks[0].entry(fea))
 
-    def entry_sum(self, k: int, fea: torch.Tensor) -> np.ndarray:
-        import torch
-
-        return self.model.blocks[k].entry(fea).sum(dim=(0, 2, 3), dtype=torch.float64).cpu().numpy()
-
-    def block(self, k: int, part: torch.Tensor, pooled: np.ndarray) -> torch.Tensor:
+    def block(self, k: int, part: torch.Tensor, pooled: np.ndarray, inner: tiling.Box) -> tuple[torch.Tensor, np.ndarray | None]:
         import torch
 
         block = self.model.blocks[k]
-        return block.mix(part, block.entry(part), torch.from_numpy(pooled).to(self.device))
+        out = block.mix(part, block.entry(part), torch.from_numpy(pooled).to(self.device))[:, :, inner[0], inner[1]]
+        return out, _summed(self.model.blocks[k + 1].entry(out)) if k + 1 < self.blocks else None
 
     def tail(self, x: torch.Tensor, fea: torch.Tensor) -> torch.Tensor:
         return self.model.tail(x, self.model.head(x), fea)
@@ -320,36 +393,65 @@ class TorchStages:
         return sr.detach().float().cpu().numpy()
 
 
+def _masks(shape: tuple[int, ...], inner: tiling.Box) -> tuple[np.ndarray, np.ndarray]:
+    """0/1 float32 row and column masks of a window of shape (..., H, W) that select its inner box."""
+    rows, cols = np.zeros(shape[-2], np.float32), np.zeros(shape[-1], np.float32)
+    rows[inner[0]], cols[inner[1]] = 1, 1
+    return rows, cols
+
+
 class ExportedStages:
-    """The tiled forward's stages from export_stages, on ONNX Runtime or OpenVINO in fp32 (numpy in and out)."""
+    """The tiled forward's stages from export_stages, on ONNX Runtime or OpenVINO in fp32 (numpy in and out).
+
+    Feature maps are kept channels-last in memory for OpenVINO (OpenVINOStage), NCHW for ONNX Runtime;
+    either way they are indexed 1 x C x H x W here.
+    """
 
     def __init__(self, folder: Path, backend: str, threads: int) -> None:
         meta = json.loads((folder / "stages.json").read_text())
         self.scale, self.channels, self.blocks = meta["scale"], meta["channels"], meta["blocks"]
-        self.entry = np.load(folder / "entry.npy")
-        make = onnxruntime_forward if backend == "onnxruntime" else openvino_forward
-        self._head = make(folder / "head.onnx", "fp32", threads)
-        self._tail = make(folder / "tail.onnx", "fp32", threads)
-        self._blocks = [make(folder / f"block{k:02d}.onnx", "fp32", threads) for k in range(self.blocks)]
+        self.channels_last = backend == "openvino"
+        if backend == "onnxruntime":
+            def make(path: Path) -> Outputs:
+                return onnxruntime_outputs(path, "fp32", threads)
+        else:
+            def make(path: Path) -> Outputs:
+                return OpenVINOStage(path, threads)
+        self._head = make(folder / "head.onnx")
+        self._tail = make(folder / "tail.onnx")
+        self._blocks = [make(folder / f"block{k:02d}.onnx") for k in range(self.blocks)]
+
+    def _send(self, fea: np.ndarray) -> np.ndarray:
+        """A feature window as the runtime takes it: contiguous, channels-last for OpenVINO."""
+        return np.ascontiguousarray(fea.transpose(0, 2, 3, 1) if self.channels_last else fea)
+
+    def _received(self, fea: np.ndarray, inner: tiling.Box) -> np.ndarray:
+        """The inner box of a feature window from the runtime, as a 1 x C x h x w view."""
+        if self.channels_last:
+            fea = fea.transpose(0, 3, 1, 2)
+        return fea[:, :, inner[0], inner[1]]
 
     def prepare(self, x: np.ndarray) -> np.ndarray:
         return x
 
     def features(self, height: int, width: int) -> np.ndarray:
+        if self.channels_last:
+            return np.empty((1, height, width, self.channels), dtype=np.float32).transpose(0, 3, 1, 2)
         return np.empty((1, self.channels, height, width), dtype=np.float32)
 
-    def head(self, x: np.ndarray) -> np.ndarray:
-        return self._head(np.ascontiguousarray(x))
+    def head(self, x: np.ndarray, inner: tiling.Box) -> tuple[np.ndarray, np.ndarray]:
+        fea, summed = self._head(np.ascontiguousarray(x), *_masks(x.shape, inner))
+        return self._received(fea, inner), summed[0].astype(np.float64)
 
-    def entry_sum(self, k: int, fea: np.ndarray) -> np.ndarray:
-        y = self.entry[k] @ fea[0].reshape(self.channels, -1)
-        return np.maximum(y, np.float32(0.2) * y).sum(axis=1, dtype=np.float64)  # LeakyReLU(0.2), summed
-
-    def block(self, k: int, part: np.ndarray, pooled: np.ndarray) -> np.ndarray:
-        return self._blocks[k](np.ascontiguousarray(part), pooled)
+    def block(self, k: int, part: np.ndarray, pooled: np.ndarray, inner: tiling.Box) -> tuple[np.ndarray, np.ndarray | None]:
+        if k + 1 < self.blocks:
+            out, summed = self._blocks[k](self._send(part), pooled, *_masks(part.shape, inner))
+            return self._received(out, inner), summed[0].astype(np.float64)
+        (out,) = self._blocks[k](self._send(part), pooled)
+        return self._received(out, inner), None
 
     def tail(self, x: np.ndarray, fea: np.ndarray) -> np.ndarray:
-        return self._tail(np.ascontiguousarray(x), np.ascontiguousarray(fea))
+        return self._tail(np.ascontiguousarray(x), self._send(fea))[0]
 
     def to_numpy(self, sr: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(sr)
@@ -357,7 +459,7 @@ class ExportedStages:
 
 def stages_folder(model: A2N) -> Path:
     """Where the model's exported stages live in the cache folder."""
-    return cache_dir() / f"a2n_x{model.scale}_{weights_key(model)}_stages"
+    return cache_dir() / f"a2n_x{model.scale}_{weights_key(model)}_stages{STAGES_FORMAT}"
 
 
 _runners: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -415,7 +517,7 @@ def get_stages(model: A2N, backend: str = "torch") -> TorchStages | ExportedStag
             made[backend] = TorchStages(model)
         else:
             folder = stages_folder(model)
-            if not (folder / "stages.json").is_file():
+            if not stages_ready(folder):
                 export_stages(model, folder)
             made[backend] = ExportedStages(folder, backend, torch.get_num_threads())
     return made[backend]
@@ -569,8 +671,8 @@ def write_table(path: Path, table: dict) -> None:
 
 
 def tiled_key(model: A2N) -> str:
-    """The auto.json key of the tiled path's choice: machine and weights, like the whole-image one."""
-    return f"{machine_key()}-{weights_key(model)}-tiled"
+    """The auto.json key of the tiled path's choice: machine, weights and the stages' format (a new format is timed again)."""
+    return f"{machine_key()}-{weights_key(model)}-tiled{STAGES_FORMAT}"
 
 
 def choose_tiled(model: A2N) -> str:
@@ -650,7 +752,7 @@ def express_upscaler(key: str, scale: int, slow_path: Callable[[np.ndarray], np.
         if memory.forward_bytes(h, w, scale, entry["backend"]) <= memory.budget_bytes(max_memory):
             return pixels.from_planes(forward(pixels.to_planes(rgb)), rgb.dtype)
         folder, tiled = Path(entry.get("stages", "")), entry.get("tiled")
-        if tiled not in ("onnxruntime", "openvino") or not (folder / "stages.json").is_file():
+        if tiled not in ("onnxruntime", "openvino") or not stages_ready(folder):
             return slow_path(rgb)
         if not stages:
             stages.append(ExportedStages(folder, tiled, entry["threads"]))

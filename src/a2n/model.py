@@ -188,26 +188,43 @@ class A2N(nn.Module):
         return self.tail(x, fea, self.AAB_trunk(fea))
 
 
+def entry_sum(block: AAB, fea: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """block.entry(fea) summed over the pixels that rows (H) and cols (W), 0/1 masks, select: N x C.
+
+    The tiled path sums each block's entry over whole tiles this way inside the previous stage's
+    graph, on features that are still in cache, rather than in a separate pass."""
+    y = block.entry(fea) * cols.view(1, 1, 1, -1)
+    return (y.sum(3) * rows.view(1, 1, -1)).sum(2)
+
+
 class HeadStage(nn.Module):
-    """Shallow features of an image part: the first stage of exact tiled inference, as a module to export."""
+    """Shallow features of an image part and the first block's entry summed over rows x cols: the
+    first stage of exact tiled inference, as a module to export."""
 
     def __init__(self, model: A2N) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.head(x)
+    def forward(self, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        fea = self.model.head(x)
+        return fea, entry_sum(self.model.blocks[0], fea, rows, cols)
 
 
 class BlockStage(nn.Module):
-    """One AAB on a feature part, given the pooled mean of its entry features over the whole image."""
+    """One AAB on a feature part, given the pooled mean of its entry features over the whole image,
+    and the next block's entry summed over rows x cols of the result (none after the last block)."""
 
-    def __init__(self, block: AAB) -> None:
+    def __init__(self, block: AAB, following: AAB | None = None) -> None:
         super().__init__()
         self.block = block
+        self.following = following
 
-    def forward(self, part: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
-        return self.block.mix(part, self.block.entry(part), pooled)
+    def forward(self, part: torch.Tensor, pooled: torch.Tensor, rows: torch.Tensor | None = None,
+                cols: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        out = self.block.mix(part, self.block.entry(part), pooled)
+        if self.following is None:
+            return out
+        return out, entry_sum(self.following, out, rows, cols)
 
 
 class TailStage(nn.Module):

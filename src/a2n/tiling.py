@@ -2,11 +2,11 @@
 
 A2N's attention-dropout module averages each block's features over the whole image, so cutting
 the image into independent tiles changes the result. Here the trunk runs block by block over
-the whole LR feature map instead: a first pass over tiles sums the block's pointwise entry
-features (so the pooled mean is exact), a second pass runs the rest of the block on tiles grown
-by the block's receptive radius and keeps only their interiors. The reconstruction is local, so
-it runs on tiles with a halo too and writes straight into the output array. A tiled run equals
-the whole-image forward up to float rounding.
+the whole LR feature map instead: each block runs on tiles grown by its receptive radius, given
+the exact pooled mean of its entry features, and keeps only their interiors; the stage before it
+(the head, or the previous block) summed those entry features over each tile's interior as it
+made them. The reconstruction is local, so it runs on tiles with a halo too and writes straight
+into the output array. A tiled run equals the whole-image forward up to float rounding.
 
 The stages themselves (head, block, tail) run wherever a `Stages` object puts them: on torch, or
 on ONNX Runtime / OpenVINO from an export (a2n.backends); this module only cuts and stitches.
@@ -37,10 +37,12 @@ class MemoryBudgetError(A2NError):
 class Stages(Protocol):
     """The pieces of an A2N forward that tiling calls, on 1 x C x H x W arrays of one kind (torch or numpy).
 
-    head: image part (0..1) -> shallow features; entry_sum: block k's summed entry features (float64,
-    per channel) over a feature part; block: block k on a feature part given the pooled mean (1 x C,
-    float32); tail: (image part, trunk features) -> SR part in 0..1; prepare: numpy input planes to
-    the stages' kind; features: an empty feature map; to_numpy: an SR part as float32 numpy planes.
+    head: (image window in 0..1, inner box) -> (shallow features of the inner box, block 0's entry
+    summed over it); block: (k, feature window, pooled mean 1 x C float32, inner box) -> (block k's
+    output on the inner box, block k+1's entry summed over it, None after the last block); sums are
+    per channel, float64. tail: (image window, trunk features) -> SR window in 0..1; prepare: numpy
+    input planes to the stages' kind; features: an empty feature map; to_numpy: an SR part as
+    float32 numpy planes.
     """
 
     scale: int
@@ -49,9 +51,8 @@ class Stages(Protocol):
 
     def prepare(self, x: np.ndarray) -> Any: ...
     def features(self, height: int, width: int) -> Any: ...
-    def head(self, x: Any) -> Any: ...
-    def entry_sum(self, k: int, fea: Any) -> np.ndarray: ...
-    def block(self, k: int, part: Any, pooled: np.ndarray) -> Any: ...
+    def head(self, x: Any, inner: Box) -> tuple[Any, np.ndarray]: ...
+    def block(self, k: int, part: Any, pooled: np.ndarray, inner: Box) -> tuple[Any, np.ndarray | None]: ...
     def tail(self, x: Any, fea: Any) -> Any: ...
     def to_numpy(self, sr: Any) -> np.ndarray: ...
 
@@ -132,22 +133,23 @@ def run_tiled(stages: Stages, x: np.ndarray, out: np.ndarray, tile: int, progres
     s = stages.scale
     boxes = tiles(h, w, tile)
     span = (max(ys.stop - ys.start for ys, _ in boxes), max(xs.stop - xs.start for _, xs in boxes))
-    bar = tqdm(total=len(boxes) * (2 + 2 * stages.blocks), unit="tile", leave=False,
+    bar = tqdm(total=len(boxes) * (2 + stages.blocks), unit="tile", leave=False,
                disable=None if progress is None else not progress)
     cur, nxt = stages.features(h, w), stages.features(h, w)
+    total = np.zeros(stages.channels, dtype=np.float64)
     for box in boxes:
         grown, inner = grow(box, 1, h, w, span)
-        cur[:, :, box[0], box[1]] = stages.head(x[:, :, grown[0], grown[1]])[:, :, inner[0], inner[1]]
+        cur[:, :, box[0], box[1]], summed = stages.head(x[:, :, grown[0], grown[1]], inner)
+        total += summed
         bar.update()
     for k in range(stages.blocks):
+        pooled = (total / (h * w)).astype(np.float32)[None]
         total = np.zeros(stages.channels, dtype=np.float64)
         for box in boxes:
-            total += stages.entry_sum(k, cur[:, :, box[0], box[1]])
-            bar.update()
-        pooled = (total / (h * w)).astype(np.float32)[None]
-        for box in boxes:
             grown, inner = grow(box, BLOCK_HALO, h, w, span)
-            nxt[:, :, box[0], box[1]] = stages.block(k, cur[:, :, grown[0], grown[1]], pooled)[:, :, inner[0], inner[1]]
+            nxt[:, :, box[0], box[1]], summed = stages.block(k, cur[:, :, grown[0], grown[1]], pooled, inner)
+            if summed is not None:
+                total += summed
             bar.update()
         cur, nxt = nxt, cur
     del nxt
