@@ -248,10 +248,10 @@ class OpenVINOStage:
         core = openvino_core()
         model = core.read_model(str(self.path))
         steps = ov.preprocess.PrePostProcessor(model)
-        for port, step in [(p, steps.input(p.get_any_name())) for p in model.inputs] + [(p, steps.output(p.get_any_name())) for p in model.outputs]:
-            if port.get_any_name() in self.FEATURES:
-                step.tensor().set_layout(ov.Layout("NHWC"))
-                step.model().set_layout(ov.Layout("NCHW"))
+        names = [p.get_any_name() for p in model.inputs], [p.get_any_name() for p in model.outputs]
+        for step in [steps.input(n) for n in names[0] if n in self.FEATURES] + [steps.output(n) for n in names[1] if n in self.FEATURES]:
+            step.tensor().set_layout(ov.Layout("NHWC"))
+            step.model().set_layout(ov.Layout("NCHW"))
         model = steps.build()
         model.reshape({port.get_any_name(): list(shape) for port, shape in zip(model.inputs, shapes)})
         return core.compile_model(model, "CPU", self.config)
