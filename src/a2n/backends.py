@@ -232,14 +232,15 @@ class OpenVINOStage:
     faster than a dynamic one; its infer requests are kept and reused (thread-safe), so that a call
     allocates nothing. The last KEEP_SHAPES shapes stay compiled. Feature maps (FEATURES) go in and
     out channels-last (1 x H x W x C), the layout OpenVINO's CPU convolutions work in, which saves
-    a reorder at each end of every stage.
+    a reorder at each end of every stage. With streams > 1 the threads are split between that many
+    streams, so that as many calls from different threads run at once, each on its own threads.
     """
 
     KEEP_SHAPES = 2
     FEATURES = ("part", "trunk", "fea", "out")
 
-    def __init__(self, path: Path, threads: int) -> None:
-        self.path, self.config = path, openvino_config("fp32", threads)
+    def __init__(self, path: Path, threads: int, streams: int = 1) -> None:
+        self.path, self.config = path, {**openvino_config("fp32", threads), "NUM_STREAMS": streams}
         self.compiled: dict[tuple, tuple[Any, list]] = {}  # shapes -> (compiled model, idle requests), oldest first
         self.lock = threading.Lock()
 
@@ -358,7 +359,9 @@ def _summed(y: torch.Tensor) -> np.ndarray:
 
 
 class TorchStages:
-    """The tiled forward's stages on the torch model itself (on its device), in fp32."""
+    """The tiled forward's stages on the torch model itself (on its device), in fp32, one tile at a time."""
+
+    parallel = 1
 
     def __init__(self, model: A2N) -> None:
         self.model = model
@@ -404,19 +407,22 @@ class ExportedStages:
     """The tiled forward's stages from export_stages, on ONNX Runtime or OpenVINO in fp32 (numpy in and out).
 
     Feature maps are kept channels-last in memory for OpenVINO (OpenVINOStage), NCHW for ONNX Runtime;
-    either way they are indexed 1 x C x H x W here.
+    either way they are indexed 1 x C x H x W here. OpenVINO runs memory.TILES_IN_FLIGHT tiles at
+    once on as many streams (given two threads or more); ONNX Runtime as many on one session, each
+    call on its share of the threads.
     """
 
     def __init__(self, folder: Path, backend: str, threads: int) -> None:
         meta = json.loads((folder / "stages.json").read_text())
         self.scale, self.channels, self.blocks = meta["scale"], meta["channels"], meta["blocks"]
         self.channels_last = backend == "openvino"
+        self.parallel = min(memory.TILES_IN_FLIGHT[backend], threads)
         if backend == "onnxruntime":
-            def make(path: Path) -> Outputs:
-                return onnxruntime_outputs(path, "fp32", threads)
+            def make(path: Path) -> Outputs:  # a session runs calls from several threads at once, each on its own threads
+                return onnxruntime_outputs(path, "fp32", threads // self.parallel)
         else:
             def make(path: Path) -> Outputs:
-                return OpenVINOStage(path, threads)
+                return OpenVINOStage(path, threads, self.parallel)
         self._head = make(folder / "head.onnx")
         self._tail = make(folder / "tail.onnx")
         self._blocks = [make(folder / f"block{k:02d}.onnx") for k in range(self.blocks)]
@@ -671,8 +677,10 @@ def write_table(path: Path, table: dict) -> None:
 
 
 def tiled_key(model: A2N) -> str:
-    """The auto.json key of the tiled path's choice: machine, weights and the stages' format (a new format is timed again)."""
-    return f"{machine_key()}-{weights_key(model)}-tiled{STAGES_FORMAT}"
+    """The auto.json key of the tiled path's choice: machine, weights, the stages' format and the tiles each
+    backend runs at once (a change to either is timed again)."""
+    in_flight = "".join(str(memory.TILES_IN_FLIGHT[b]) for b in sorted(memory.TILES_IN_FLIGHT))
+    return f"{machine_key()}-{weights_key(model)}-tiled{STAGES_FORMAT}-{in_flight}"
 
 
 def choose_tiled(model: A2N) -> str:
@@ -756,9 +764,9 @@ def express_upscaler(key: str, scale: int, slow_path: Callable[[np.ndarray], np.
             return slow_path(rgb)
         if not stages:
             stages.append(ExportedStages(folder, tiled, entry["threads"]))
-        tile = tiling.plan_tile(h, w, scale, stages[0].channels, max_memory, rgb.dtype.itemsize, tiled)
+        tile = tiling.plan_tile(h, w, scale, stages[0].channels, max_memory, rgb.dtype.itemsize, tiled, whole=False)
         out = np.empty((h * scale, w * scale, 3), dtype=rgb.dtype)
-        tiling.run_tiled(stages[0], pixels.to_planes(rgb), out, tile or max(h, w), None)
+        tiling.run_tiled(stages[0], pixels.to_planes(rgb), out, tile, None)
         return out
 
     return lambda picture: pixels.upscale_picture(picture, scale, upscale_rgb)

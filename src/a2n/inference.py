@@ -60,14 +60,16 @@ def available_memory(device: torch.device | str = "cpu") -> int:
 
 
 def plan_tile(
-    height: int, width: int, model: A2N, max_memory: float | None = None, out_itemsize: int = 1, backend: str = "torch"
+    height: int, width: int, model: A2N, max_memory: float | None = None, out_itemsize: int = 1, backend: str = "torch",
+    whole: bool = True,
 ) -> int | None:
     """Tile side (input pixels) within max_memory GiB for this model (None: one whole-image forward); see tiling.plan_tile.
 
     Without max_memory the budget is half of what the model's device (GPU or system) has free now.
     """
     available = None if max_memory is not None else available_memory(next(model.parameters()).device)
-    return tiling.plan_tile(height, width, model.scale, model.conv_first.out_channels, max_memory, out_itemsize, backend, available)
+    return tiling.plan_tile(height, width, model.scale, model.conv_first.out_channels, max_memory, out_itemsize, backend,
+                            available, whole)
 
 
 def forward_tiled(model: A2N, x: torch.Tensor, out: np.ndarray, tile: int, progress: bool | None = False,
@@ -102,14 +104,13 @@ def upscale_array(
     if tile is not None and tile < 1:
         raise ImageInputError(f"the tile size must be a positive number of pixels, got {tile}")
     whole, precision = backends.resolve(model, backend, precision)
-    planned = tile is None
-    if planned:
-        tile = plan_tile(h, w, model, max_memory, rgb.dtype.itemsize, whole)
-    if tile is None or tile >= max(h, w):
+    available = None if max_memory is not None else available_memory(next(model.parameters()).device)
+    fits = memory.forward_bytes(h, w, model.scale, whole) <= memory.budget_bytes(max_memory, available)
+    if (fits if tile is None else tile >= max(h, w)):
         return to_array(backends.get_runner(model, whole, precision)(to_tensor(rgb)), rgb.dtype)
     tiled = backends.resolve_tiled(model, backend)  # auto: the fastest backend on tiles, which may be another
-    if planned and tiled != whole:
-        tile = plan_tile(h, w, model, max_memory, rgb.dtype.itemsize, tiled) or tile  # its memory; None: it would fit whole
+    if tile is None:  # within the budget on the backend the tiles run on
+        tile = plan_tile(h, w, model, max_memory, rgb.dtype.itemsize, tiled, whole=False)
     out = np.empty((h * model.scale, w * model.scale, 3), dtype=rgb.dtype)
     forward_tiled(model, to_tensor(rgb), out, tile, progress, tiled)
     return out

@@ -10,12 +10,16 @@ into the output array. A tiled run equals the whole-image forward up to float ro
 
 The stages themselves (head, block, tail) run wherever a `Stages` object puts them: on torch, or
 on ONNX Runtime / OpenVINO from an export (a2n.backends); this module only cuts and stitches.
+Tiles of one pass are independent, so a backend that runs several at once (OpenVINO's streams)
+gets them from a thread pool; sums are still added in tile order, so the result does not depend
+on which tile finished first.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Protocol
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 
@@ -42,12 +46,13 @@ class Stages(Protocol):
     output on the inner box, block k+1's entry summed over it, None after the last block); sums are
     per channel, float64. tail: (image window, trunk features) -> SR window in 0..1; prepare: numpy
     input planes to the stages' kind; features: an empty feature map; to_numpy: an SR part as
-    float32 numpy planes.
+    float32 numpy planes. parallel: how many tiles the stages run at once, from as many threads.
     """
 
     scale: int
     channels: int
     blocks: int
+    parallel: int
 
     def prepare(self, x: np.ndarray) -> Any: ...
     def features(self, height: int, width: int) -> Any: ...
@@ -58,16 +63,17 @@ class Stages(Protocol):
 
 
 def plan_tile(height: int, width: int, scale: int, channels: int, max_memory: float | None = None, out_itemsize: int = 1,
-              backend: str = "torch", available: int | None = None) -> int | None:
+              backend: str = "torch", available: int | None = None, whole: bool = True) -> int | None:
     """Tile side (input pixels) that keeps peak memory under max_memory GiB; None means one whole-image forward.
 
-    max_memory defaults to half of the memory available now; backend is where the forward runs
-    (they differ in memory). Counts the two LR feature maps of the tiled trunk, the input and the
-    output array, and the working set of one tile.
+    max_memory defaults to half of the memory available now; backend is where the tiles run (they
+    differ in memory). Counts the two LR feature maps of the tiled trunk, the input and the output
+    array, and the working set of the tiles in flight at once. whole=False always plans tiles (the
+    caller has found that the whole image does not fit on the backend of its whole-image forward).
     """
     budget = memory.budget_bytes(max_memory, available)
     s2 = scale**2
-    if memory.forward_bytes(height, width, scale, backend) <= budget:
+    if whole and memory.forward_bytes(height, width, scale, backend) <= budget:
         return None
     fixed = height * width * (2 * channels * 4 + 3 * 4 + 3 * s2 * out_itemsize)
     per_pixel = memory.tile_bytes_per_out_pixel(backend) * s2
@@ -123,8 +129,8 @@ def scaled(box: Box, s: int) -> Box:
 def run_tiled(stages: Stages, x: np.ndarray, out: np.ndarray, tile: int, progress: bool | None = False) -> None:
     """Run the stages on 1x3xHxW float32 planes tile by tile, writing the result into out ((sH)x(sW)x3, any dtype).
 
-    Peak memory is two LR feature maps plus one tile's working set. progress=None shows a bar only
-    on a terminal.
+    Peak memory is two LR feature maps plus the working set of stages.parallel tiles. progress=None
+    shows a bar only on a terminal.
     """
     from tqdm import tqdm
 
@@ -136,28 +142,49 @@ def run_tiled(stages: Stages, x: np.ndarray, out: np.ndarray, tile: int, progres
     bar = tqdm(total=len(boxes) * (2 + stages.blocks), unit="tile", leave=False,
                disable=None if progress is None else not progress)
     cur, nxt = stages.features(h, w), stages.features(h, w)
-    total = np.zeros(stages.channels, dtype=np.float64)
-    for box in boxes:
-        grown, inner = grow(box, 1, h, w, span)
-        cur[:, :, box[0], box[1]], summed = stages.head(x[:, :, grown[0], grown[1]], inner)
-        total += summed
-        bar.update()
-    for k in range(stages.blocks):
-        pooled = (total / (h * w)).astype(np.float32)[None]
-        total = np.zeros(stages.channels, dtype=np.float64)
-        for box in boxes:
-            grown, inner = grow(box, BLOCK_HALO, h, w, span)
-            nxt[:, :, box[0], box[1]], summed = stages.block(k, cur[:, :, grown[0], grown[1]], pooled, inner)
-            if summed is not None:
-                total += summed
+    pool = ThreadPoolExecutor(stages.parallel) if stages.parallel > 1 else None
+
+    def each(run: Callable[[Box], Any]) -> Iterator[Any]:
+        """run on every box (at most stages.parallel at once); results in box order."""
+        for result in pool.map(run, boxes) if pool else map(run, boxes):
             bar.update()
-        cur, nxt = nxt, cur
-    del nxt
-    for box in boxes:
+            yield result
+
+    def summed(parts: Iterable[np.ndarray | None]) -> np.ndarray:
+        total = np.zeros(stages.channels, dtype=np.float64)
+        for part in parts:
+            if part is not None:
+                total += part
+        return total
+
+    def head(box: Box) -> np.ndarray:
+        grown, inner = grow(box, 1, h, w, span)
+        cur[:, :, box[0], box[1]], entry = stages.head(x[:, :, grown[0], grown[1]], inner)
+        return entry
+
+    def tail(box: Box) -> None:
         grown, inner = grow(box, TAIL_HALO, h, w, span)
         sr = stages.tail(x[:, :, grown[0], grown[1]], cur[:, :, grown[0], grown[1]])
-        ys, xs = scaled(box, s)
         iy, ix = scaled(inner, s)
+        ys, xs = scaled(box, s)
         out[ys, xs] = from_planes(stages.to_numpy(sr[:, :, iy, ix]), out.dtype)
-        bar.update()
-    bar.close()
+
+    try:
+        total = summed(each(head))
+        for k in range(stages.blocks):
+            pooled = (total / (h * w)).astype(np.float32)[None]
+
+            def block(box: Box) -> np.ndarray | None:
+                grown, inner = grow(box, BLOCK_HALO, h, w, span)
+                nxt[:, :, box[0], box[1]], entry = stages.block(k, cur[:, :, grown[0], grown[1]], pooled, inner)
+                return entry
+
+            total = summed(each(block))
+            cur, nxt = nxt, cur
+        nxt = None  # free one map before the reconstruction
+        for _ in each(tail):
+            pass
+    finally:
+        if pool:
+            pool.shutdown()
+        bar.close()
