@@ -192,7 +192,7 @@ def big_images(args: argparse.Namespace) -> str:
     summary = []
     for name, scale, h, w in BIG_CASES:
         model, origin = model_for(scale)
-        auto, auto_tiled = backends.choose(model), backends.choose_tiled(model)
+        auto, auto_tiled = backends.resolve(model, "auto", "fp32"), backends.resolve_tiled(model, "auto")  # as a2n upscale does
         ref_h, ref_w = 720 // scale, 1280 // scale  # a 1280x720 output: fits one forward
         ref_x = natural_input(ref_h, ref_w)
         whole = get_runner(model, *auto)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Iterator
@@ -220,6 +221,19 @@ def test_later_upscales_skip_torch(weights: str, tmp_path: Path) -> None:
     assert np.abs(tiled.astype(int) - reference).max() <= 1
     assert again("torch", "--threads", "1") == "torch imported"  # other options: not recorded yet
     assert len(json.loads((tmp_path / "cache" / "express.json").read_text())) == 2
+
+
+def test_auto_keeps_its_whole_image_backend_for_tiles_unless_clearly_beaten(tmp_path: Path) -> None:
+    """On tiles, the whole-image choice stays unless another backend is PREFER_MARGIN faster (a short probe on a
+    noisy machine should not flip it); nothing good enough to prefer, and the fastest wins."""
+    def rows(ov: float) -> list[dict]:
+        return [{"backend": "torch", "seconds": 1.0, "fidelity_db": math.inf}, {"backend": "openvino", "seconds": ov, "fidelity_db": 150.0}]
+
+    assert backends.cached_fastest("a", "", lambda: rows(1.05), prefer="openvino")["backend"] == "openvino"
+    assert backends.cached_fastest("b", "", lambda: rows(1.2), prefer="openvino")["backend"] == "torch"
+    assert backends.cached_fastest("c", "", lambda: rows(1.05))["backend"] == "torch"
+    assert backends.cached_fastest("d", "", lambda: rows(0.95), prefer="torch")["backend"] == "torch"
+    assert backends.cached_fastest("a", "", lambda: pytest.fail("measured twice"), prefer="torch")["backend"] == "openvino"
 
 
 def test_auto_times_the_tiled_path_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
