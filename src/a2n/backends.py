@@ -231,14 +231,12 @@ class OpenVINOStage:
 
     Windows have one shape per image (tiling.grow), and a model compiled for a static shape runs
     faster than a dynamic one; its infer requests are kept and reused (thread-safe), so that a call
-    allocates nothing. The last KEEP_SHAPES shapes stay compiled. Feature maps (FEATURES) go in and
-    out channels-last (1 x H x W x C), the layout OpenVINO's CPU convolutions work in, which saves
-    a reorder at each end of every stage. With streams > 1 the threads are split between that many
-    streams, so that as many calls from different threads run at once, each on its own threads.
+    allocates nothing. The last KEEP_SHAPES shapes stay compiled. With streams > 1 the threads are
+    split between that many streams, so that as many calls from different threads run at once, each
+    on its own threads.
     """
 
     KEEP_SHAPES = 2
-    FEATURES = ("part", "trunk", "fea", "out")
 
     def __init__(self, path: Path, threads: int, streams: int = 1) -> None:
         self.path, self.config = path, {**openvino_config("fp32", threads), "NUM_STREAMS": streams}
@@ -246,15 +244,8 @@ class OpenVINOStage:
         self.lock = threading.Lock()
 
     def _compile(self, shapes: tuple) -> Any:
-        ov = _import("openvino")
         core = openvino_core()
         model = core.read_model(str(self.path))
-        steps = ov.preprocess.PrePostProcessor(model)
-        names = [p.get_any_name() for p in model.inputs], [p.get_any_name() for p in model.outputs]
-        for step in [steps.input(n) for n in names[0] if n in self.FEATURES] + [steps.output(n) for n in names[1] if n in self.FEATURES]:
-            step.tensor().set_layout(ov.Layout("NHWC"))
-            step.model().set_layout(ov.Layout("NCHW"))
-        model = steps.build()
         model.reshape({port.get_any_name(): list(shape) for port, shape in zip(model.inputs, shapes)})
         return core.compile_model(model, "CPU", self.config)
 
@@ -301,7 +292,7 @@ def cached_onnx(model: A2N) -> Path:
     return path
 
 
-STAGES_FORMAT = 2  # stages.json's format: 2 since the head and the blocks sum the next entry themselves
+STAGES_FORMAT = 3  # stages.json's format: 2 since the head and the blocks sum the next entry themselves, 3 channels-last maps
 
 
 def export_stages(model: A2N, folder: str | os.PathLike) -> Path:
@@ -309,7 +300,8 @@ def export_stages(model: A2N, folder: str | os.PathLike) -> Path:
 
     head.onnx (lr, rows, cols -> fea, sum), block00.onnx .. (part, pooled, rows, cols -> part, sum;
     the last block has no rows, cols or sum) and tail.onnx (lr, trunk -> sr); sum is the next block's
-    entry summed over the rows x cols masks (model.entry_sum).
+    entry summed over the rows x cols masks (model.entry_sum). Images are 1 x 3 x H x W, feature
+    maps (fea, part, out, trunk) channels-last, 1 x H x W x C (model.BlockStage says why).
     """
     import shutil
     import warnings
@@ -323,17 +315,18 @@ def export_stages(model: A2N, folder: str | os.PathLike) -> Path:
     tmp.mkdir(parents=True, exist_ok=True)
     shadow = copy.deepcopy(model).cpu().float().eval()
     nf, n = shadow.conv_first.out_channels, len(shadow.blocks)
-    image, spatial = {2: "height", 3: "width"}, {"rows": {0: "height"}, "cols": {0: "width"}}
-    x, fea, masks = torch.rand(1, 3, 16, 16), torch.rand(1, nf, 16, 16), (torch.ones(16), torch.ones(16))
-    graphs = [(HeadStage(shadow), (x, *masks), "head", ["lr", "rows", "cols"], ["fea", "sum"], {"lr": image, "fea": image, **spatial}),
-              (TailStage(shadow), (x, fea), "tail", ["lr", "trunk"], ["sr"], {"lr": image, "trunk": image, "sr": image})]
+    image, maps = {2: "height", 3: "width"}, {1: "height", 2: "width"}
+    spatial = {"rows": {0: "height"}, "cols": {0: "width"}}
+    x, fea, masks = torch.rand(1, 3, 16, 16), torch.rand(1, 16, 16, nf), (torch.ones(16), torch.ones(16))
+    graphs = [(HeadStage(shadow), (x, *masks), "head", ["lr", "rows", "cols"], ["fea", "sum"], {"lr": image, "fea": maps, **spatial}),
+              (TailStage(shadow), (x, fea), "tail", ["lr", "trunk"], ["sr"], {"lr": image, "trunk": maps, "sr": image})]
     for k, block in enumerate(shadow.blocks):
         if k + 1 < n:
             graphs.append((BlockStage(block, shadow.blocks[k + 1]), (fea, torch.rand(1, nf), *masks), f"block{k:02d}",
-                           ["part", "pooled", "rows", "cols"], ["out", "sum"], {"part": image, "out": image, **spatial}))
+                           ["part", "pooled", "rows", "cols"], ["out", "sum"], {"part": maps, "out": maps, **spatial}))
         else:
             graphs.append((BlockStage(block), (fea, torch.rand(1, nf)), f"block{k:02d}", ["part", "pooled"], ["out"],
-                           {"part": image, "out": image}))
+                           {"part": maps, "out": maps}))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for module, inputs, name, input_names, output_names, axes in graphs:
@@ -407,8 +400,8 @@ def _masks(shape: tuple[int, ...], inner: tiling.Box) -> tuple[np.ndarray, np.nd
 class ExportedStages:
     """The tiled forward's stages from export_stages, on ONNX Runtime or OpenVINO in fp32 (numpy in and out).
 
-    Feature maps are kept channels-last in memory for OpenVINO (OpenVINOStage), NCHW for ONNX Runtime;
-    either way they are indexed 1 x C x H x W here. OpenVINO runs memory.TILES_IN_FLIGHT tiles at
+    Feature maps are channels-last in memory, as the exported stages take them, and indexed 1 x C x H x W
+    here (a transposed view). OpenVINO runs memory.TILES_IN_FLIGHT tiles at
     once on as many streams (given two threads or more); ONNX Runtime as many on one session, each
     call on its share of the threads.
     """
@@ -416,7 +409,6 @@ class ExportedStages:
     def __init__(self, folder: Path, backend: str, threads: int) -> None:
         meta = json.loads((folder / "stages.json").read_text())
         self.scale, self.channels, self.blocks = meta["scale"], meta["channels"], meta["blocks"]
-        self.channels_last = backend == "openvino"
         self.parallel = min(memory.TILES_IN_FLIGHT[backend], threads)
         if backend == "onnxruntime":
             def make(path: Path) -> Outputs:  # a session runs calls from several threads at once, each on its own threads
@@ -429,22 +421,18 @@ class ExportedStages:
         self._blocks = [make(folder / f"block{k:02d}.onnx") for k in range(self.blocks)]
 
     def _send(self, fea: np.ndarray) -> np.ndarray:
-        """A feature window as the runtime takes it: contiguous, channels-last for OpenVINO."""
-        return np.ascontiguousarray(fea.transpose(0, 2, 3, 1) if self.channels_last else fea)
+        """A feature window as the runtime takes it: contiguous and channels-last."""
+        return np.ascontiguousarray(fea.transpose(0, 2, 3, 1))
 
     def _received(self, fea: np.ndarray, inner: tiling.Box) -> np.ndarray:
-        """The inner box of a feature window from the runtime, as a 1 x C x h x w view."""
-        if self.channels_last:
-            fea = fea.transpose(0, 3, 1, 2)
-        return fea[:, :, inner[0], inner[1]]
+        """The inner box of a channels-last feature window from the runtime, as a 1 x C x h x w view."""
+        return fea.transpose(0, 3, 1, 2)[:, :, inner[0], inner[1]]
 
     def prepare(self, x: np.ndarray) -> np.ndarray:
         return x
 
     def features(self, height: int, width: int) -> np.ndarray:
-        if self.channels_last:
-            return np.empty((1, height, width, self.channels), dtype=np.float32).transpose(0, 3, 1, 2)
-        return np.empty((1, self.channels, height, width), dtype=np.float32)
+        return np.empty((1, height, width, self.channels), dtype=np.float32).transpose(0, 3, 1, 2)
 
     def head(self, x: np.ndarray, inner: tiling.Box) -> tuple[np.ndarray, np.ndarray]:
         fea, summed = self._head(np.ascontiguousarray(x), *_masks(x.shape, inner))

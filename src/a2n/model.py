@@ -95,12 +95,15 @@ class AAB(nn.Module):
         """The block's pointwise first step; its spatial mean drives the ADM."""
         return self.lrelu(self.conv_first(x))
 
-    def mix(self, x: torch.Tensor, y: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
-        """The rest of the block, given its input x, y = entry(x) and the spatial mean of y."""
+    def branches(self, y: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        """The two branches on y = entry(x), weighted by the ADM given the spatial mean of y: conv_last's input."""
         pi = self.branch_weights(self.ADM(pooled))
         n = pi.shape[0]
-        out = self.attention(y) * pi[:, 0].view(n, 1, 1, 1) + self.non_attention(y) * pi[:, 1].view(n, 1, 1, 1)
-        return self.conv_last(self.lrelu(out)) + x
+        return self.lrelu(self.attention(y) * pi[:, 0].view(n, 1, 1, 1) + self.non_attention(y) * pi[:, 1].view(n, 1, 1, 1))
+
+    def mix(self, x: torch.Tensor, y: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        """The rest of the block, given its input x, y = entry(x) and the spatial mean of y."""
+        return self.conv_last(self.branches(y, pooled)) + x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.entry(x)
@@ -188,31 +191,44 @@ class A2N(nn.Module):
         return self.tail(x, fea, self.AAB_trunk(fea))
 
 
+def pixelwise(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """A bias-free 1x1 conv on channels-last features (N x H x W x C), as a matmul over the pixels."""
+    n, h, w, c = x.shape
+    out = torch.matmul(x.reshape(n, h * w, c), conv.weight.view(conv.out_channels, c).t())
+    return out.view(n, h, w, conv.out_channels)
+
+
 def entry_sum(block: AAB, fea: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """block.entry(fea) summed over the pixels that rows (H) and cols (W), 0/1 masks, select: N x C.
+    """block.entry of channels-last features (N x H x W x C) summed over the pixels that rows (H) and cols (W),
+    0/1 masks, select: N x C.
 
     The tiled path sums each block's entry over whole tiles this way inside the previous stage's
     graph, on features that are still in cache, rather than in a separate pass."""
-    y = block.entry(fea) * cols.view(1, 1, 1, -1)
-    return (y.sum(3) * rows.view(1, 1, -1)).sum(2)
+    y = block.lrelu(pixelwise(fea, block.conv_first)) * cols.view(1, 1, -1, 1)
+    return (y.sum(2) * rows.view(1, -1, 1)).sum(1)
+
+
+# The stages of exact tiled inference (a2n.tiling), as modules to export. Their feature maps are
+# channels-last (N x H x W x C), the layout of CPU runtimes' convolutions, and each block ends in
+# matmuls over the pixels rather than 1x1 convs, so that its output stays channels-last: OpenVINO
+# then writes it out without the transpose and reorder it adds after a conv (7% of a block).
 
 
 class HeadStage(nn.Module):
-    """Shallow features of an image part and the first block's entry summed over rows x cols: the
-    first stage of exact tiled inference, as a module to export."""
+    """Shallow features of an image part (channels-last) and the first block's entry summed over rows x cols."""
 
     def __init__(self, model: A2N) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        fea = self.model.head(x)
+        fea = self.model.head(x).permute(0, 2, 3, 1)
         return fea, entry_sum(self.model.blocks[0], fea, rows, cols)
 
 
 class BlockStage(nn.Module):
-    """One AAB on a feature part, given the pooled mean of its entry features over the whole image,
-    and the next block's entry summed over rows x cols of the result (none after the last block)."""
+    """One AAB on a channels-last feature part, given the pooled mean of its entry features over the whole
+    image, and the next block's entry summed over rows x cols of the result (none after the last block)."""
 
     def __init__(self, block: AAB, following: AAB | None = None) -> None:
         super().__init__()
@@ -221,21 +237,23 @@ class BlockStage(nn.Module):
 
     def forward(self, part: torch.Tensor, pooled: torch.Tensor, rows: torch.Tensor | None = None,
                 cols: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        out = self.block.mix(part, self.block.entry(part), pooled)
+        x = part.permute(0, 3, 1, 2)
+        mixed = self.block.branches(self.block.entry(x), pooled).permute(0, 2, 3, 1)
+        out = pixelwise(mixed, self.block.conv_last) + part
         if self.following is None:
             return out
         return out, entry_sum(self.following, out, rows, cols)
 
 
 class TailStage(nn.Module):
-    """The output part in 0..1 from an image part and the trunk's features over it."""
+    """The output part in 0..1 from an image part and the trunk's features over it (channels-last)."""
 
     def __init__(self, model: A2N) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, x: torch.Tensor, trunk: torch.Tensor) -> torch.Tensor:
-        return self.model.tail(x, self.model.head(x), trunk)
+        return self.model.tail(x, self.model.head(x), trunk.permute(0, 3, 1, 2))
 
 
 class MultiScaleA2N(nn.Module):
