@@ -301,7 +301,7 @@ def export_stages(model: A2N, folder: str | os.PathLike) -> Path:
     head.onnx (lr, rows, cols -> fea, sum), block00.onnx .. (part, pooled, rows, cols -> part, sum;
     the last block has no rows, cols or sum) and tail.onnx (lr, trunk -> sr); sum is the next block's
     entry summed over the rows x cols masks (model.entry_sum). Images are 1 x 3 x H x W, feature
-    maps (fea, part, out, trunk) channels-last, 1 x H x W x C (model.BlockStage says why).
+    maps (fea, part, out, trunk) channels-last, 1 x H x W x C (a2n.model says why, above HeadStage).
     """
     import shutil
     import warnings
