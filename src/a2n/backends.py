@@ -401,9 +401,9 @@ class ExportedStages:
     """The tiled forward's stages from export_stages, on ONNX Runtime or OpenVINO in fp32 (numpy in and out).
 
     Feature maps are channels-last in memory, as the exported stages take them, and indexed 1 x C x H x W
-    here (a transposed view). OpenVINO runs memory.TILES_IN_FLIGHT tiles at
-    once on as many streams (given two threads or more); ONNX Runtime as many on one session, each
-    call on its share of the threads.
+    here (a transposed view). OpenVINO runs memory.TILES_IN_FLIGHT tiles at once on as many streams
+    (given two threads or more); ONNX Runtime as many on one session, each call on its share of the
+    threads.
     """
 
     def __init__(self, folder: Path, backend: str, threads: int) -> None:
