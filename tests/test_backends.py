@@ -313,6 +313,25 @@ def test_exported_stages_run_two_tiles_at_once_with_the_same_output(model: A2N, 
     assert np.abs(outs[1] - np.clip(ref, 0, 1)).max() <= 1e-4
 
 
+def test_a_fresh_process_runs_two_openvino_tiles_at_once_without_hanging(model: A2N, tmp_path: Path) -> None:
+    """The first arrays OpenVINO sees in a process may come from two stream threads at once (a later
+    `a2n upscale` of a big image, with auto's choice cached, goes straight there); that deadlocked in
+    pybind11's numpy set-up in a quarter to half of fresh processes, so six must each finish."""
+    import subprocess
+    import sys
+
+    folder = backends.export_stages(model, tmp_path / "stages")
+    code = ("import sys, numpy as np; from a2n import backends, tiling; "
+            "stages = backends.ExportedStages(__import__('pathlib').Path(sys.argv[1]), 'openvino', 2); "
+            "out = np.zeros((64, 64, 3), np.float32); "
+            "tiling.run_tiled(stages, np.random.default_rng(0).random((1, 3, 32, 32), dtype=np.float32), out, 16); "
+            "print('torch imported' if 'torch' in sys.modules else 'done', float(out.mean()))")
+    for _ in range(6):
+        done = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split()[0] == "done" and float(done.stdout.split()[1]) > 0
+
+
 def test_openvino_stages_compile_per_shape_keep_few_and_share_across_threads(model: A2N, tmp_path: Path) -> None:
     """A tiled stage on OpenVINO compiles once per input shape (static shapes), keeps at most KEEP_SHAPES,
     takes features channels-last, and gives each of several threads its own infer request."""

@@ -116,6 +116,10 @@ def openvino_core() -> Any:
     ov = _import("openvino")  # says which extra to install when it is missing
     with _core_lock:
         if _core is None:
+            # pybind11 sets up its numpy bindings on the first array OpenVINO converts; two threads doing
+            # that at once (the tiled path's streams, or two server requests) deadlock in a quarter to half
+            # of fresh processes, so it is done here, on one thread, before anything can run
+            ov.Type.f32.to_dtype()
             _core = ov.Core()
         return _core
 
