@@ -7,8 +7,8 @@ is measured by bench/startup.py.
 With --big, big images instead (a 2000x1500 input at x2, a 1000x1000 input at x4, under
 --max-memory 4 so that both tile): the official forward with its quadrant chop, and our exact
 tiled path on each backend, each against the whole-image auto rate per output pixel measured
-just before it (auto's tiled choice --rounds times, median); then seconds per tile size on a
-512x512 input. Written as `## Big images`.
+just before it (auto's tiled choice --rounds times, median). Written as `## Big images`; the
+tile side is weighed by bench/tile_sides.py.
 
     python bench/infer.py --threads 2 [--big [--rounds 3]]
 """
@@ -43,7 +43,6 @@ CROP = 48  # side of the crop that precisions torch emulates on this CPU are tim
 BIG_CASES = [("2000x1500 input, x2", 2, 1500, 2000), ("1000x1000 input, x4", 4, 1000, 1000)]
 BIG_MEMORY = 4.0  # GiB: --max-memory of the big cases, under which both tile
 TILED = ("torch", "onnxruntime", "openvino")
-TILE_SIZES = (96, 128, 192, 256, 384)
 
 
 def matmul_peak(dtype: torch.dtype, n: int, repeat: int = 3) -> float:
@@ -180,7 +179,7 @@ def tiled_seconds(model: A2N, x: torch.Tensor, backend: str, tile: int) -> tuple
 
 
 def big_images(args: argparse.Namespace) -> str:
-    """The `## Big images` section: official chop vs our tiled path per backend, and the tile-size sweep.
+    """The `## Big images` section: official chop vs our tiled path per backend.
 
     This machine's speed wanders by 20-40% within minutes, so every big run is divided by a
     whole-image auto run on a 1280x720 output made right before it (its neighbour in time), and
@@ -235,19 +234,6 @@ def big_images(args: argparse.Namespace) -> str:
                          f"{ratio / official_ratio:.2f}x | {fidelity_db(torch.from_numpy(out), torch.from_numpy(exact)):.1f} |")
         print("\n".join(lines[-len(rows):]), flush=True)
         summary.append(f"{name}: whole-image auto is {auto[0]} {auto[1]} on a {ref_w}x{ref_h} input, auto for tiles chose {auto_tiled}")
-    sweep = ["| backend | " + " | ".join(f"tile {t}" for t in TILE_SIZES) + " |", "| --- |" + " ---: |" * len(TILE_SIZES)]
-    model, _ = model_for(2)
-    x = natural_input(512, 512)
-    whole = get_runner(model, *backends.choose(model))
-    for backend in TILED:
-        cells = []
-        for t in TILE_SIZES:
-            with torch.inference_mode():
-                reference = time_runner(whole, x, 1)[0]  # the same image in one forward, just before
-            seconds = tiled_seconds(model, x, backend, t)[0]
-            cells.append(f"{reference / seconds:.2f}x ({seconds:.2f} s)")
-        sweep.append(f"| {backend} | " + " | ".join(cells) + " |")
-        print(sweep[-1], flush=True)
     header = [
         "## Big images", "",
         f"`python bench/infer.py --threads {args.threads} --big --rounds {args.rounds}`, one run. Machine: {platform.machine()}, "
@@ -260,9 +246,7 @@ def big_images(args: argparse.Namespace) -> str:
         "whole-image forward (the official chop is not exact: each quadrant's ADMs pool over it alone).",
         "; ".join(summary) + ".", "",
     ]
-    middle = ["", "The exact tiled path on a 512x512 input at x2 by tile side (input pixels), same run: its rate against the "
-              "whole-image auto forward of the same image run just before it (seconds in brackets):", ""]
-    return "\n".join(header + lines + middle + sweep + [""])
+    return "\n".join(header + lines + [""])
 
 
 def write_section(section: str, heading: str = "## Inference speed") -> None:

@@ -30,7 +30,7 @@ Box = tuple[slice, slice]
 
 BLOCK_HALO = 2  # an AAB block reaches 2 LR pixels: a 3x3 conv after a 3x3 conv in its attention branch
 TAIL_HALO = 3  # head and trunk_conv (1) + the reconstruction's convs (at most 2 LR pixels at x2, x3, x4)
-MAX_TILE = 128  # larger tiles are not faster on a CPU, only bigger: their features outgrow the caches (bench/RESULTS.md, tile sizes)
+MAX_TILE = 128  # 256 runs level with it and 384 slower (bench/tile_sides.py); 128 also needs the least memory
 MIN_TILE = 32
 
 
