@@ -30,7 +30,7 @@ from official_a2n import AAN, forward_chop  # noqa: E402
 
 from a2n import backends, inference, tiling  # noqa: E402
 from a2n import A2NError  # noqa: E402
-from a2n.backends import fidelity_db, get_runner  # noqa: E402
+from a2n.backends import auto as auto_choice, cpu, fidelity_db, get_runner  # noqa: E402
 from a2n.model import A2N, count_macs  # noqa: E402
 from a2n.weights import build_model, shipped_weights_path  # noqa: E402
 
@@ -101,9 +101,9 @@ def main() -> None:
         if not args.no_write:
             write_section(section, "## Big images")
         return
-    peak_bf16 = matmul_peak(torch.bfloat16, 2048 if backends.cpu_has_native_bf16() else 512)  # emulated bf16 is ~100x slower
+    peak_bf16 = matmul_peak(torch.bfloat16, 2048 if cpu.native_bf16() else 512)  # emulated bf16 is ~100x slower
     peak_fp32 = matmul_peak(torch.float32, 2048)
-    auto = backends.choose(model_for(4)[0])
+    auto = auto_choice.choose(model_for(4)[0])
     lines = ["| case | forward | seconds | speed-up | GFLOP/s | % bf16 peak | % fp32 peak | fidelity (dB) |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, scale, h, w in CASES:
         model, origin = model_for(scale)
@@ -119,7 +119,7 @@ def main() -> None:
                 rows.append((f"{backend} {precision}", None, str(exc).split(";")[0]))
                 continue
             label = f"{backend} {precision}" + (" (auto's choice)" if (backend, precision) == auto else "")
-            if backend == "torch" and precision != "fp32" and not backends.cpu_has_native_bf16():
+            if backend == "torch" and precision != "fp32" and not cpu.native_bf16():
                 crop = x[:, :, :CROP, :CROP]
                 seconds, out = time_runner(run, crop, 1)
                 seconds *= flops / (2 * count_macs(model, CROP, CROP))
@@ -139,7 +139,7 @@ def main() -> None:
     header = [
         "## Inference speed", "",
         f"`python bench/infer.py --threads {args.threads}`, one run. Machine: {platform.machine()}, {torch.get_num_threads()} threads, "
-        f"CPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16: {backends.cpu_has_native_bf16()}; "
+        f"CPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16: {cpu.native_bf16()}; "
         f"torch {torch.__version__}; weights: {origin}. Shared with a training job, so read times as rough.",
         f"Matmul peak measured in this run (fp32 2048x2048, bf16 2048 with native bf16, else 512): bf16 {peak_bf16:.1f} GFLOP/s, fp32 {peak_fp32:.1f} GFLOP/s. "
         f"GFLOP/s counts 2 x the multiply-adds of convolutions and linear layers (`a2n info`). Fidelity: PSNR of "
@@ -163,8 +163,8 @@ def natural_input(height: int, width: int) -> torch.Tensor:
     return torch.from_numpy(rgb.transpose(2, 0, 1).copy()).float().div(255).unsqueeze(0)
 
 
-def tiled_seconds(model: A2N, x: torch.Tensor, backend: str, tile: int) -> tuple[float, np.ndarray]:
-    """Wall seconds of one exact tiled run on backend, and its output.
+def tiled_seconds(model: A2N, x: torch.Tensor, backend: str, tile: int, precision: str = "fp32") -> tuple[float, np.ndarray]:
+    """Wall seconds of one tiled run on backend at precision, and its output.
 
     The stages are made and warmed up first on a crop that gives the same window shapes (two tiles
     a side), so that OpenVINO's compile per shape is not timed; it is a one-time cost per image size."""
@@ -173,9 +173,9 @@ def tiled_seconds(model: A2N, x: torch.Tensor, backend: str, tile: int) -> tuple
     span_h, span_w = max(b[0].stop - b[0].start for b in boxes), max(b[1].stop - b[1].start for b in boxes)
     crop = x[:, :, :min(h, 2 * span_h), :min(w, 2 * span_w)]
     inference.forward_tiled(model, crop, np.empty((crop.shape[2] * model.scale, crop.shape[3] * model.scale, 3), np.float32),
-                            tile, False, backend)
+                            tile, False, backend, precision)
     out = np.empty((h * model.scale, w * model.scale, 3), np.float32)
-    return _seconds(lambda: inference.forward_tiled(model, x, out, tile, False, backend)), out
+    return _seconds(lambda: inference.forward_tiled(model, x, out, tile, False, backend, precision)), out
 
 
 def big_images(args: argparse.Namespace) -> str:
@@ -191,7 +191,8 @@ def big_images(args: argparse.Namespace) -> str:
     summary = []
     for name, scale, h, w in BIG_CASES:
         model, origin = model_for(scale)
-        auto, auto_tiled = backends.resolve(model, "auto", "fp32"), backends.resolve_tiled(model, "auto")  # as a2n upscale does
+        auto = backends.resolve(model, "auto", "auto")  # as a2n upscale does: the tiles run at the whole image's precision
+        auto_tiled, precision = backends.resolve_tiled(model, "auto", "auto")
         ref_h, ref_w = 720 // scale, 1280 // scale  # a 1280x720 output: fits one forward
         ref_x = natural_input(ref_h, ref_w)
         whole = get_runner(model, *auto)
@@ -211,19 +212,19 @@ def big_images(args: argparse.Namespace) -> str:
             official = (forward_chop(net, x * pr, scale) / pr).clamp(0, 1)[0].permute(1, 2, 0).numpy()
         official_ratio = out_pixels / official_seconds / rate
         rows = [("official eager fp32 NCHW, quadrant chop", "", [official_seconds], [official_ratio], official, [])]
-        for backend in [auto_tiled] + [b for b in TILED if b != auto_tiled]:
+        for backend in [auto_tiled] + [b for b in TILED if b != auto_tiled and (b, precision) in auto_choice.candidates()]:
             tile = inference.plan_tile(h, w, model, BIG_MEMORY, 1, backend)
             times, ratios, same = [], [], []
             for _ in range(args.rounds if backend == auto_tiled else 1):
                 rate = ref_rate()
-                seconds, out = tiled_seconds(model, x, backend, tile)
+                seconds, out = tiled_seconds(model, x, backend, tile, precision)
                 times.append(seconds)
                 ratios.append(out_pixels / seconds / rate)
                 if backend == auto_tiled:  # the same image in one forward, beside it: past the budget, but this machine has the memory
                     with torch.inference_mode():
                         same.append(_seconds(lambda: whole(x)) / seconds)
                 print(f"{name}, tiled {backend}: {seconds:.1f} s, {ratios[-1]:.2f}x" + (f", {same[-1]:.2f}x the same image whole" if same else ""), flush=True)
-            label = f"tiled, {backend} fp32" + (f" (auto's choice for tiles; median of {len(times)})" if backend == auto_tiled else "")
+            label = f"tiled, {backend} {precision}" + (f" (auto's choice for tiles; median of {len(times)})" if backend == auto_tiled else "")
             rows.append((label, tile, times, ratios, out, same))
         exact = next(r[4] for r in rows if "torch" in r[0] and "tiled" in r[0])  # equals the whole-image forward (tests)
         for label, tile, times, ratios, out, same in rows:

@@ -166,10 +166,10 @@ def test_upscale_array_same_for_any_tile(dtype: type) -> None:
     model = random_model(2)
     top = np.iinfo(dtype).max
     img = np.round(image() * top).astype(dtype)
-    plain = upscale_array(model, img, backend="torch")
+    plain = upscale_array(model, img, backend="torch", precision="fp32")
     assert plain.dtype == dtype and plain.shape == (2 * H, 2 * W, 3)
     for tile in (9, 16):
-        tiled = upscale_array(model, img, tile=tile, backend="torch")
+        tiled = upscale_array(model, img, tile=tile, backend="torch", precision="fp32")
         assert np.abs(tiled.astype(np.int64) - plain.astype(np.int64)).max() <= 1
     expected = np.clip(np.round(np.clip(whole(model, img.astype(np.float32) / top), 0, 1) * top), 0, top)
     assert np.abs(plain.astype(np.int64) - expected).max() <= 1
@@ -204,7 +204,7 @@ def test_api_keeps_the_kind_of_image() -> None:
     model = random_model(2)
     rgb = image()
     rgb8 = np.round(rgb * 255).astype(np.uint8)
-    color = upscale_array(model, rgb8, backend="torch")
+    color = upscale_array(model, rgb8, backend="torch", precision="fp32")
     cases = [
         (rgb8, (2 * H, 2 * W, 3), np.uint8),
         (rgb.astype(np.float64), (2 * H, 2 * W, 3), np.float64),
@@ -214,28 +214,28 @@ def test_api_keeps_the_kind_of_image() -> None:
         (np.dstack([rgb8, rgb8[..., 0]]), (2 * H, 2 * W, 4), np.uint8),
     ]
     for arr, shape, dtype in cases:
-        out = a2n.upscale(arr, model, backend="torch")
+        out = a2n.upscale(arr, model, backend="torch", precision="fp32")
         assert isinstance(out, np.ndarray) and out.shape == shape and out.dtype == dtype
-    rgba = a2n.upscale(np.dstack([rgb8, rgb8[..., 0]]), model, backend="torch")
+    rgba = a2n.upscale(np.dstack([rgb8, rgb8[..., 0]]), model, backend="torch", precision="fp32")
     assert np.array_equal(rgba[..., :3], color)
     assert np.array_equal(rgba[..., 3], upscale_channel(rgb8[..., 0], 2))
-    gray = a2n.upscale(rgb8[..., 0], model, backend="torch")
-    gray_as_rgb = upscale_array(model, np.repeat(rgb8[..., :1], 3, axis=2), backend="torch")
+    gray = a2n.upscale(rgb8[..., 0], model, backend="torch", precision="fp32")
+    gray_as_rgb = upscale_array(model, np.repeat(rgb8[..., :1], 3, axis=2), backend="torch", precision="fp32")
     assert np.array_equal(gray, np.round(gray_as_rgb.mean(axis=2, dtype=np.float32)).astype(np.uint8))
 
     t = torch.from_numpy(rgb).permute(2, 0, 1)
-    out = a2n.upscale(t, model, backend="torch")
+    out = a2n.upscale(t, model, backend="torch", precision="fp32")
     assert out.shape == (3, 2 * H, 2 * W) and out.dtype == torch.float32
     assert np.abs(out.permute(1, 2, 0).numpy() - np.clip(whole(model, rgb), 0, 1)).max() <= 1e-5
-    batch = a2n.upscale(torch.stack([t, t]).mul(255).round().to(torch.uint8), model, backend="torch")
+    batch = a2n.upscale(torch.stack([t, t]).mul(255).round().to(torch.uint8), model, backend="torch", precision="fp32")
     assert batch.shape == (2, 3, 2 * H, 2 * W) and batch.dtype == torch.uint8
     assert np.array_equal(batch[1].permute(1, 2, 0).numpy(), color)
 
     for mode, out_mode in (("RGB", "RGB"), ("RGBA", "RGBA"), ("L", "L"), ("LA", "LA"), ("P", "RGB"), ("CMYK", "RGB"), ("I;16", "I;16")):
         pil = Image.fromarray(rgb8).convert(mode) if mode != "I;16" else Image.fromarray((rgb[..., 0] * 65535).astype(np.uint16))
-        out = a2n.upscale(pil, model, backend="torch")
+        out = a2n.upscale(pil, model, backend="torch", precision="fp32")
         assert isinstance(out, Image.Image) and out.mode == out_mode and out.size == (2 * W, 2 * H), mode
-    assert np.array_equal(np.asarray(a2n.upscale(Image.fromarray(rgb8), model, backend="torch")), color)
+    assert np.array_equal(np.asarray(a2n.upscale(Image.fromarray(rgb8), model, backend="torch", precision="fp32")), color)
 
 
 def test_api_errors() -> None:
@@ -243,11 +243,11 @@ def test_api_errors() -> None:
     with pytest.raises(ImageInputError, match="model is x2"):
         a2n.upscale(image(), model, scale=4)
     with pytest.raises(ImageInputError, match="cannot upscale a list"):
-        a2n.upscale([[0.0]], model, backend="torch")
+        a2n.upscale([[0.0]], model, backend="torch", precision="fp32")
     with pytest.raises(ImageInputError, match="C in 1..4"):
-        a2n.upscale(np.zeros((H, W, 5), np.uint8), model, backend="torch")
+        a2n.upscale(np.zeros((H, W, 5), np.uint8), model, backend="torch", precision="fp32")
     with pytest.raises(ImageInputError, match="uint8, uint16 or float"):
-        a2n.upscale(np.zeros((H, W, 3), np.int32), model, backend="torch")
+        a2n.upscale(np.zeros((H, W, 3), np.int32), model, backend="torch", precision="fp32")
     with pytest.raises(ImageInputError, match="positive"):
         a2n.upscale(image(), model, tile=0)
     assert isinstance(ImageInputError("x"), a2n.A2NError)
@@ -261,5 +261,5 @@ def test_load_model_reads_weights(tmp_path: Path) -> None:
     assert not loaded.training and loaded.scale == 3
     img = image()
     assert np.array_equal(whole(loaded, img), whole(model, img))
-    out = a2n.upscale(np.round(img * 255).astype(np.uint8), loaded, backend="torch")
+    out = a2n.upscale(np.round(img * 255).astype(np.uint8), loaded, backend="torch", precision="fp32")
     assert out.shape == (3 * H, 3 * W, 3)

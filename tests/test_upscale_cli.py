@@ -36,8 +36,9 @@ def pixel_limit() -> Iterator[None]:
 
 
 def upscale(*args: str | Path, weights: str) -> int:
-    """The CLI on torch, so that outputs equal a2n.upscale bit for bit (the default, auto, may pick another runtime)."""
-    return main(["upscale", *map(str, args), "--scale", "2", "--weights", weights, "--backend", "torch"])
+    """The CLI on torch fp32, so that outputs equal a2n.upscale's on torch fp32 bit for bit (the default, auto, may pick
+    another runtime or bf16 on a CPU that has it)."""
+    return main(["upscale", *map(str, args), "--scale", "2", "--weights", weights, "--backend", "torch", "--precision", "fp32"])
 
 
 def test_single_file_next_to_input(tmp_path: Path, weights: str) -> None:
@@ -45,7 +46,7 @@ def test_single_file_next_to_input(tmp_path: Path, weights: str) -> None:
     assert upscale(tmp_path / "photo.png", weights=weights) == 0
     out = np.asarray(Image.open(tmp_path / "photo_x2.png"))
     assert out.shape == (2 * H, 2 * W, 3)
-    assert np.array_equal(out, a2n.upscale(RGB8, load_model(2, weights=weights)))
+    assert np.array_equal(out, a2n.upscale(RGB8, load_model(2, weights=weights), backend="torch", precision="fp32"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["photo.png", "photo_x2.png"]
 
 
@@ -213,7 +214,7 @@ def test_torchrun_shards_a_folder_once_and_resumes(tmp_path: Path, weights: str)
     for name, arr in images.items():
         Image.fromarray(arr).save(src / name)
     cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "a2n", "upscale", str(src), "-o", str(out),
-           "--scale", "2", "--weights", weights, "--backend", "torch", "--skip-existing"]
+           "--scale", "2", "--weights", weights, "--backend", "torch", "--precision", "fp32", "--skip-existing"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def done_lines() -> list[str]:
@@ -225,7 +226,7 @@ def test_torchrun_shards_a_folder_once_and_resumes(tmp_path: Path, weights: str)
     assert sorted(Path(line.split(" -> ")[0]).name for line in lines) == sorted(images)
     model = load_model(2, weights=weights)
     for name, arr in images.items():
-        assert np.array_equal(np.asarray(Image.open(out / name.replace(".png", "_x2.png"))), a2n.upscale(arr, model))
+        assert np.array_equal(np.asarray(Image.open(out / name.replace(".png", "_x2.png"))), a2n.upscale(arr, model, backend="torch", precision="fp32"))
     kept = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     for name in ("im1_x2.png", "im4_x2.png"):  # as if the first run had been killed before these
         (out / name).unlink()

@@ -18,9 +18,13 @@ def shipped_weights_path(scale: int, variant: str = "a2n") -> Path | None:
 
 
 def __getattr__(name: str):
-    """a2n.load_model and a2n.upscale, imported on first use so that `import a2n` stays light (no torch)."""
+    """a2n.load_model, a2n.upscale and a2n.upscale_video, imported on first use so that `import a2n` stays light (no torch)."""
     if name in ("load_model", "upscale"):
         from a2n import inference
 
         return getattr(inference, name)
+    if name == "upscale_video":
+        from a2n import video
+
+        return video.upscale_video
     raise AttributeError(f"module 'a2n' has no attribute {name!r}")

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from a2n import io
 
 FORMAT_EXTENSIONS = {"png": ".png", "jpg": ".jpg", "webp": ".webp", "tiff": ".tiff", "bmp": ".bmp"}
+VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mkv", ".mov", ".webm", ".avi", ".ts", ".m2ts", ".mts", ".mpg", ".mpeg", ".flv", ".wmv", ".ogv", ".3gp", ".nut")
 
 
 class BatchError(A2NError):
@@ -46,14 +47,15 @@ def find_inputs(inputs: Sequence[str], recursive: bool = False) -> tuple[list[tu
     for arg in inputs:
         path = Path(arg)
         if path.is_dir():
-            files = [(f, path) for f in io.list_images(path, recursive)]
+            files = [(f, path) for f in sorted(io.list_images(path, recursive) + list_videos(path, recursive))]
             if not files:
-                failed.append((arg, "no images in this folder (PNG, JPEG, WebP, TIFF, BMP)" + ("" if recursive else "; pass --recursive for subfolders")))
+                failed.append((arg, "no images or videos in this folder (PNG, JPEG, WebP, TIFF, BMP; MP4, MKV, MOV, WebM, AVI, ...)"
+                               + ("" if recursive else "; pass --recursive for subfolders")))
         elif path.is_file():
             files = [(path, None)]
         elif any(c in arg for c in "*?["):
             files = [(Path(m), None) for m in sorted(glob.glob(arg, recursive=recursive))
-                     if Path(m).is_file() and Path(m).suffix.lower() in io.IMAGE_EXTENSIONS]
+                     if Path(m).is_file() and Path(m).suffix.lower() in io.IMAGE_EXTENSIONS + VIDEO_EXTENSIONS]
             if not files:
                 failed.append((arg, "no image files match this pattern"))
         else:
@@ -67,6 +69,17 @@ def find_inputs(inputs: Sequence[str], recursive: bool = False) -> tuple[list[tu
             seen.add(f.resolve())
             unique.append((f, root))
     return unique, failed
+
+
+def is_video(path: Path) -> bool:
+    """Whether a file name has a video extension (upscaled by a2n.video)."""
+    return path.suffix.lower() in VIDEO_EXTENSIONS
+
+
+def list_videos(folder: Path, recursive: bool = False) -> list[Path]:
+    """Video files inside a folder (and its subfolders when recursive)."""
+    found = folder.rglob("*") if recursive else folder.iterdir()
+    return [p for p in found if p.is_file() and is_video(p)]
 
 
 def make_plan(
@@ -93,14 +106,14 @@ def make_plan(
     found, failed = find_inputs(inputs, recursive)
     result = Plan(failed=failed if rank == 0 else [])
     out_path = Path(out) if out else None
-    out_is_file = out_path is not None and out_path.suffix.lower() in io.IMAGE_EXTENSIONS and not out_path.is_dir()
+    out_is_file = out_path is not None and out_path.suffix.lower() in io.IMAGE_EXTENSIONS + VIDEO_EXTENSIONS and not out_path.is_dir()
     if out_is_file and len(found) + len(failed) > 1:
         raise BatchError(f"{out}: names one file but {len(found) + len(failed)} inputs were given; pass a folder to -o")
-    if out_is_file and fmt and io.output_format(out_path) != io.FORMATS[FORMAT_EXTENSIONS[fmt]]:
+    if out_is_file and fmt and not is_video(out_path) and io.output_format(out_path) != io.FORMATS[FORMAT_EXTENSIONS[fmt]]:
         raise BatchError(f"{out}: the extension does not match --format {fmt}; change one of them")
     targets: dict[Path, Path] = {}
     for source, root in found:
-        ext = FORMAT_EXTENSIONS[fmt] if fmt else source.suffix if source.suffix.lower() in io.IMAGE_EXTENSIONS else ".png"
+        ext = source.suffix if is_video(source) else FORMAT_EXTENSIONS[fmt] if fmt else source.suffix if source.suffix.lower() in io.IMAGE_EXTENSIONS else ".png"
         name = f"{source.stem}{suffix}{ext}"
         if out_path is None:
             target = source.with_name(name)
@@ -112,7 +125,7 @@ def make_plan(
     outputs = {t.resolve(): s for s, t in targets.items()}
     claimed: dict[Path, Path] = {}
     for i, (source, target) in enumerate(targets.items()):
-        key, mine = target.resolve(), i % world == rank
+        key, mine = target.resolve(), i % world == rank or is_video(source)  # every process takes part in every clip
         if source.resolve() in outputs and outputs[source.resolve()] != source:
             reason = ("skipped", f"it is the output of {outputs[source.resolve()]} in this run")
         elif key == source.resolve():
@@ -135,14 +148,16 @@ def make_plan(
     return result
 
 
-def run(plan: Plan, upscale: Callable[[io.Picture], io.Picture] | None, fmt: str | None = None, quality: int = 95) -> None:
+def run(plan: Plan, upscale: Callable[[io.Picture], io.Picture] | None, fmt: str | None = None, quality: int = 95,
+        upscaled: int = 0) -> None:
     """Upscale every job with upscale, reporting each output; raise BatchError listing the failures at the end.
 
     upscale may be None only when the plan has no jobs (for example a2n.inference.upscale_picture
-    with the model bound, or a2n.backends.express_upscaler).
+    with the model bound, or a2n.backends.express_upscaler). upscaled counts outputs the caller
+    already wrote (clips), for the summary.
     """
     failed = list(plan.failed)
-    done = 0
+    done = upscaled
     pil_format = io.FORMATS[FORMAT_EXTENSIONS[fmt]] if fmt else None
     bar = tqdm(total=len(plan.jobs), unit="image", disable=None if len(plan.jobs) > 1 else True)
 

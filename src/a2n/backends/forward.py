@@ -1,0 +1,50 @@
+"""The forward of a model on one backend at one precision, whole or in stages, made once per model.
+
+Nothing here chooses: `auto` is resolved first (a2n.backends.auto), and these take the result.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import TYPE_CHECKING
+
+from a2n.backends.export import cached_onnx, export_stages, stages_folder, stages_ready
+from a2n.backends.runtimes import BackendError, Runner, onnxruntime_runner, openvino_runner, torch_runner
+from a2n.backends.stages import ExportedStages, TorchStages
+
+if TYPE_CHECKING:
+    from a2n.model import A2N
+
+_runners: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_stages: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def runner(model: A2N, backend: str, precision: str) -> Runner:
+    """The whole-image forward of model on backend (torch, onnxruntime, openvino) at precision."""
+    made = _runners.setdefault(model, {})
+    if (backend, precision) not in made:
+        if backend == "torch":
+            made[(backend, precision)] = torch_runner(model, precision)
+        elif backend == "onnxruntime":
+            made[(backend, precision)] = onnxruntime_runner(cached_onnx(model), precision)
+        elif backend == "openvino":
+            made[(backend, precision)] = openvino_runner(cached_onnx(model), precision)
+        else:
+            raise BackendError(f"no forward for backend {backend!r}")
+    return made[(backend, precision)]
+
+
+def stages(model: A2N, backend: str, precision: str) -> TorchStages | ExportedStages:
+    """The tiled forward's stages of model on backend at precision (exported to the cache on first use)."""
+    import torch
+
+    made = _stages.setdefault(model, {})
+    if (backend, precision) not in made:
+        if backend == "torch":
+            made[(backend, precision)] = TorchStages(model, precision)
+        else:
+            folder = stages_folder(model)
+            if not stages_ready(folder):
+                export_stages(model, folder)
+            made[(backend, precision)] = ExportedStages(folder, backend, torch.get_num_threads(), precision)
+    return made[(backend, precision)]

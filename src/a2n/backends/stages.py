@@ -1,0 +1,135 @@
+"""The tiled path's stages (head, each block, tail) on torch or on an exported runtime, at a precision.
+
+a2n.tiling drives them tile by tile; at fp32 the result equals the whole-image forward within 1e-4.
+At bf16 each stage computes in bf16 and hands fp32 maps and float64 pooled sums to the next, so a
+tiled image is as close to the fp32 output as the whole bf16 image is (tests/test_backends.py
+states the bound).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from a2n import memory, tiling
+from a2n.backends.runtimes import OpenVINOStage, Outputs, onnxruntime_outputs, torch_dtype
+
+if TYPE_CHECKING:
+    import torch
+
+    from a2n.model import A2N
+
+
+def _summed(y: torch.Tensor) -> np.ndarray:
+    import torch
+
+    return y.sum(dim=(0, 2, 3), dtype=torch.float64).cpu().numpy()
+
+
+class TorchStages:
+    """The tiled forward's stages on the torch model (on its device) at a precision, one tile at a time."""
+
+    parallel = 1
+
+    def __init__(self, model: A2N, precision: str = "fp32") -> None:
+        import copy
+
+        import torch
+
+        self.dtype = torch_dtype(precision)
+        self.model = model if self.dtype == torch.float32 else copy.deepcopy(model).to(self.dtype)
+        self.scale, self.channels, self.blocks = model.scale, model.conv_first.out_channels, len(model.blocks)
+        self.device = next(model.parameters()).device
+
+    def prepare(self, x: np.ndarray) -> torch.Tensor:
+        import torch
+
+        return torch.from_numpy(x).to(self.device, self.dtype).contiguous(memory_format=torch.channels_last)
+
+    def features(self, height: int, width: int) -> torch.Tensor:
+        import torch
+
+        return torch.empty(1, self.channels, height, width, device=self.device, dtype=self.dtype, memory_format=torch.channels_last)
+
+    def head(self, x: torch.Tensor, inner: tiling.Box) -> tuple[torch.Tensor, np.ndarray]:
+        fea = self.model.head(x)[:, :, inner[0], inner[1]]
+        return fea, _summed(self.model.blocks[0].entry(fea))
+
+    def block(self, k: int, part: torch.Tensor, pooled: np.ndarray, inner: tiling.Box) -> tuple[torch.Tensor, np.ndarray | None]:
+        import torch
+
+        block = self.model.blocks[k]
+        out = block.mix(part, block.entry(part), torch.from_numpy(pooled).to(self.device, self.dtype))[:, :, inner[0], inner[1]]
+        return out, _summed(self.model.blocks[k + 1].entry(out)) if k + 1 < self.blocks else None
+
+    def tail(self, x: torch.Tensor, fea: torch.Tensor) -> torch.Tensor:
+        return self.model.tail(x, self.model.head(x), fea)
+
+    def to_numpy(self, sr: torch.Tensor) -> np.ndarray:
+        return sr.detach().float().cpu().numpy()
+
+
+def _masks(shape: tuple[int, ...], inner: tiling.Box) -> tuple[np.ndarray, np.ndarray]:
+    """0/1 float32 row and column masks of a window of shape (..., H, W) that select its inner box."""
+    rows, cols = np.zeros(shape[-2], np.float32), np.zeros(shape[-1], np.float32)
+    rows[inner[0]], cols[inner[1]] = 1, 1
+    return rows, cols
+
+
+class ExportedStages:
+    """The tiled forward's stages from export_stages, on ONNX Runtime (fp32) or OpenVINO (at a precision),
+    numpy in and out.
+
+    Feature maps are channels-last in memory, as the exported stages take them, and indexed 1 x C x H x W
+    here (a transposed view). OpenVINO runs memory.TILES_IN_FLIGHT tiles at once on as many streams
+    (given two threads or more); ONNX Runtime as many on one session, each call on its share of the
+    threads.
+    """
+
+    def __init__(self, folder: Path, backend: str, threads: int, precision: str = "fp32") -> None:
+        meta = json.loads((folder / "stages.json").read_text())
+        self.scale, self.channels, self.blocks = meta["scale"], meta["channels"], meta["blocks"]
+        self.parallel = min(memory.TILES_IN_FLIGHT[backend], threads)
+        if backend == "onnxruntime":
+            def make(path: Path) -> Outputs:  # a session runs calls from several threads at once, each on its own threads
+                return onnxruntime_outputs(path, precision, threads // self.parallel)
+        else:
+            def make(path: Path) -> Outputs:
+                return OpenVINOStage(path, threads, self.parallel, precision)
+        self._head = make(folder / "head.onnx")
+        self._tail = make(folder / "tail.onnx")
+        self._blocks = [make(folder / f"block{k:02d}.onnx") for k in range(self.blocks)]
+
+    def _send(self, fea: np.ndarray) -> np.ndarray:
+        """A feature window as the runtime takes it: contiguous and channels-last."""
+        return np.ascontiguousarray(fea.transpose(0, 2, 3, 1))
+
+    def _received(self, fea: np.ndarray, inner: tiling.Box) -> np.ndarray:
+        """The inner box of a channels-last feature window from the runtime, as a 1 x C x h x w view."""
+        return fea.transpose(0, 3, 1, 2)[:, :, inner[0], inner[1]]
+
+    def prepare(self, x: np.ndarray) -> np.ndarray:
+        return x
+
+    def features(self, height: int, width: int) -> np.ndarray:
+        return np.empty((1, height, width, self.channels), dtype=np.float32).transpose(0, 3, 1, 2)
+
+    def head(self, x: np.ndarray, inner: tiling.Box) -> tuple[np.ndarray, np.ndarray]:
+        fea, summed = self._head(np.ascontiguousarray(x), *_masks(x.shape, inner))
+        return self._received(fea, inner), summed[0].astype(np.float64)
+
+    def block(self, k: int, part: np.ndarray, pooled: np.ndarray, inner: tiling.Box) -> tuple[np.ndarray, np.ndarray | None]:
+        if k + 1 < self.blocks:
+            out, summed = self._blocks[k](self._send(part), pooled, *_masks(part.shape, inner))
+            return self._received(out, inner), summed[0].astype(np.float64)
+        (out,) = self._blocks[k](self._send(part), pooled)
+        return self._received(out, inner), None
+
+    def tail(self, x: np.ndarray, fea: np.ndarray) -> np.ndarray:
+        return self._tail(np.ascontiguousarray(x), self._send(fea))[0]
+
+    def to_numpy(self, sr: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(sr)
