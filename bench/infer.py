@@ -67,6 +67,21 @@ def model_for(scale: int) -> tuple[A2N, str]:
     return A2N(scale).eval(), "seeded random"
 
 
+def set5_cost(model: A2N, backend: str, precision: str, costs: dict) -> str:
+    """PSNR cost on Set5 (Y, as `a2n evaluate`) of backend at precision against torch fp32, once per scale and pair."""
+    from a2n.evaluation import evaluate_folder
+
+    set5 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "benchmark" / "Set5"
+    if not set5.is_dir():
+        return "no Set5 (../shared absent)"
+    key = (model.scale, backend, precision)
+    if key not in costs:
+        if (model.scale, "torch", "fp32") not in costs:
+            costs[(model.scale, "torch", "fp32")] = evaluate_folder(set5, model.scale, model, backend="torch", precision="fp32")[-1].psnr
+        costs[key] = evaluate_folder(set5, model.scale, model, backend=backend, precision=precision)[-1].psnr
+    return f"{costs[(model.scale, 'torch', 'fp32')] - costs[key]:+.3f}"
+
+
 def official_runner(model: A2N):
     """The official-style network with the same weights, on 0..1 images (scaled around it like ours)."""
     net = AAN(model.scale).eval()
@@ -104,38 +119,41 @@ def main() -> None:
     peak_bf16 = matmul_peak(torch.bfloat16, 2048 if cpu.native_bf16() else 512)  # emulated bf16 is ~100x slower
     peak_fp32 = matmul_peak(torch.float32, 2048)
     auto = auto_choice.choose(model_for(4)[0])
-    lines = ["| case | forward | seconds | speed-up | GFLOP/s | % bf16 peak | % fp32 peak | fidelity (dB) |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| case | forward | seconds | speed-up | GFLOP/s | % bf16 peak | % fp32 peak | fidelity (dB) | Set5 cost (dB) |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    costs: dict = {}
     for name, scale, h, w in CASES:
         model, origin = model_for(scale)
         x = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(0))
         flops = 2 * count_macs(model, h, w)
         base, ref = time_runner(official_runner(model), x, args.repeat)
         ours = get_runner(model, "torch", "fp32")(x)
-        rows = [("official eager fp32 NCHW", base, fidelity_db(ref, ours))]
+        rows = [("official eager fp32 NCHW", base, fidelity_db(ref, ours), "")]
         for backend, precision in OURS:
             try:
                 run = get_runner(model, backend, precision)
             except A2NError as exc:
-                rows.append((f"{backend} {precision}", None, str(exc).split(";")[0]))
+                rows.append((f"{backend} {precision}", None, str(exc).split(";")[0], ""))
                 continue
             label = f"{backend} {precision}" + (" (auto's choice)" if (backend, precision) == auto else "")
             if backend == "torch" and precision != "fp32" and not cpu.native_bf16():
                 crop = x[:, :, :CROP, :CROP]
                 seconds, out = time_runner(run, crop, 1)
                 seconds *= flops / (2 * count_macs(model, CROP, CROP))
-                rows.append((label + f", emulated: {CROP}x{CROP} crop, time scaled", seconds, fidelity_db(out, get_runner(model)(crop))))
+                rows.append((label + f", emulated: {CROP}x{CROP} crop, time scaled", seconds, fidelity_db(out, get_runner(model)(crop)),
+                             "emulated here: not scored"))
                 continue
             seconds, out = time_runner(run, x, args.repeat)
-            rows.append((label, seconds, fidelity_db(out, ours)))
-        for label, seconds, fid in rows:
+            rows.append((label, seconds, fidelity_db(out, ours), set5_cost(model, backend, precision, costs)))
+        for label, seconds, fid, cost in rows:
             if seconds is None:
-                lines.append(f"| {name} | {label} | n/a | | | | | {fid} |")
+                lines.append(f"| {name} | {label} | n/a | | | | | {fid} | |")
                 continue
             gflops = flops / seconds / 1e9
             lines.append(f"| {name} | {label} | {seconds:.3f} | {base / seconds:.2f}x | {gflops:.1f} | "
-                         f"{100 * gflops / peak_bf16:.0f}% | {100 * gflops / peak_fp32:.0f}% | {fid:.1f} |")
+                         f"{100 * gflops / peak_bf16:.0f}% | {100 * gflops / peak_fp32:.0f}% | {fid:.1f} | {cost} |")
         print("\n".join(lines[-len(rows):]), flush=True)
-        lines.append(f"| {name} | floor: {flops / 1e9:.1f} GFLOP at the bf16 / fp32 matmul peak | {flops / peak_bf16 / 1e9:.3f} / {flops / peak_fp32 / 1e9:.3f} | | | | | |")
+        lines.append(f"| {name} | floor: {flops / 1e9:.1f} GFLOP at the bf16 / fp32 matmul peak | {flops / peak_bf16 / 1e9:.3f} / {flops / peak_fp32 / 1e9:.3f} | | | | | | |")
     header = [
         "## Inference speed", "",
         f"`python bench/infer.py --threads {args.threads}`, one run. Machine: {platform.machine()}, {torch.get_num_threads()} threads, "
@@ -143,7 +161,8 @@ def main() -> None:
         f"torch {torch.__version__}; weights: {origin}. Shared with a training job, so read times as rough.",
         f"Matmul peak measured in this run (fp32 2048x2048, bf16 2048 with native bf16, else 512): bf16 {peak_bf16:.1f} GFLOP/s, fp32 {peak_fp32:.1f} GFLOP/s. "
         f"GFLOP/s counts 2 x the multiply-adds of convolutions and linear layers (`a2n info`). Fidelity: PSNR of "
-        f"each output against our torch fp32 output on the 0..1 scale. `auto` chose {auto[0]} {auto[1]} here.", "",
+        f"each output against our torch fp32 output on the 0..1 scale. Set5 cost: PSNR on Y (as `a2n evaluate`) of torch fp32 "
+        f"minus that of the row, at the case's scale. `auto` chose {auto[0]} {auto[1]} here.", "",
     ]
     footer = ["", "Start-up of `a2n upscale`: see Start-up below (`bench/startup.py`).", ""]
     section = "\n".join(header + lines + footer)

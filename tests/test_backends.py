@@ -217,7 +217,13 @@ def test_upscale_and_evaluate_commands_take_a_backend(weights: str, tmp_path: Pa
     data = tmp_path / "bench"
     io.write_png(data / "HR" / "img.png", (image(24, 24) * 255).round().astype(np.uint8))
     assert main(["evaluate", "--data", str(data), "--scale", "2", "--weights", weights, "--backend", "onnxruntime"]) == 0
-    assert "a2n" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "a2n" in out and "onnxruntime fp32 costs" in out
+    assert main(["evaluate", "--data", str(data), "--scale", "2", "--weights", weights, "--precision", "bf16",
+                 "--json", str(tmp_path / "e.json")]) == 0
+    assert "torch bf16 costs" in capsys.readouterr().out
+    (cost,) = json.loads((tmp_path / "e.json").read_text())["costs"]
+    assert cost["precision"] == "bf16" and cost["cost_db"] == pytest.approx(cost["fp32_psnr"] - cost["psnr"]) and cost["cost_db"] != 0
 
 
 def test_later_upscales_skip_torch(weights: str, tmp_path: Path) -> None:

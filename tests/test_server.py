@@ -117,6 +117,16 @@ def test_upscale_returns_the_model_output_as_png(client: httpx.Client, model: A2
     np.testing.assert_array_equal(out, expected(model, data))
 
 
+def test_ensemble_field_gives_a2n_plus(client: httpx.Client, model: A2N) -> None:
+    """ensemble=true answers what a2n.upscale(..., ensemble=True) gives (A2N+); false, the default, one forward."""
+    data = encoded(rgb(12, 16))
+    plus, plain = post(client, data, ensemble="true"), post(client, data, ensemble="false")
+    assert plus.status_code == plain.status_code == 200
+    np.testing.assert_array_equal(decoded(plus), np.asarray(a2n.upscale(Image.open(BytesIO(data)), model, ensemble=True)))
+    np.testing.assert_array_equal(decoded(plain), expected(model, data))
+    assert not np.array_equal(decoded(plus), decoded(plain))
+
+
 @pytest.mark.parametrize(("fmt", "media", "pil_format"), [("jpeg", "image/jpeg", "JPEG"), ("webp", "image/webp", "WEBP")])
 def test_output_formats(client: httpx.Client, fmt: str, media: str, pil_format: str) -> None:
     r = post(client, encoded(rgb(12, 16)), format=fmt)
@@ -232,7 +242,8 @@ def test_openapi_describes_the_upload_form(client: httpx.Client) -> None:
     spec = client.get("/openapi.json").json()
     body = spec["paths"]["/api/upscale"]["post"]["requestBody"]["content"]
     schema = spec["components"]["schemas"][body["multipart/form-data"]["schema"]["$ref"].split("/")[-1]]
-    assert set(schema["properties"]) == {"file", "scale", "format"}
+    assert set(schema["properties"]) == {"file", "scale", "format", "ensemble"}
+    assert schema["properties"]["ensemble"]["default"] is False
     assert spec["components"]["schemas"]["Scale"]["enum"] == [2, 3, 4]
     page = client.get("/docs")
     assert page.status_code == 200 and "cdn" not in page.text and "/docs-assets/swagger-ui-bundle.js" in page.text

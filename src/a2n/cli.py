@@ -82,10 +82,11 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             print(f"using the shipped {args.variant} x{args.scale} weights", file=sys.stderr)
     results, costs = [], []
     for d in args.data:
-        scored = evaluate_folder(d, args.scale, model, save_images=args.save_images, backend=args.backend, precision=args.precision)
+        scored = evaluate_folder(d, args.scale, model, save_images=args.save_images, backend=args.backend, precision=args.precision,
+                                 ensemble=args.ensemble)
         results += scored
         if model is not None and (args.backend, args.precision) != ("torch", "fp32"):  # what the faster path costs
-            reference = evaluate_folder(d, args.scale, model)[-1]
+            reference = evaluate_folder(d, args.scale, model, ensemble=args.ensemble)[-1]
             costs.append({"dataset": reference.dataset, "scale": args.scale, "backend": args.backend, "precision": args.precision,
                           "psnr": scored[-1].psnr, "fp32_psnr": reference.psnr, "cost_db": reference.psnr - scored[-1].psnr})
     print(format_table(results))
@@ -135,6 +136,8 @@ def cmd_upscale(args: argparse.Namespace) -> None:
                            args.overwrite, args.skip_existing, shard=(rank, world))
     clips = [job for job in plan.jobs if batch.is_video(job[0])]
     plan.jobs = [job for job in plan.jobs if not batch.is_video(job[0])]
+    if clips and args.ensemble:
+        print("note: --ensemble applies to images; clips are upscaled without it", file=sys.stderr)
     if world > 1:
         print(f"rank {rank} of {world}: {len(plan.jobs)} images to upscale" + (f", a share of {len(clips)} clips" if clips else ""))
     upscaled = _upscale_clips(args, clips, plan.failed, (rank, world))
@@ -190,14 +193,14 @@ def _add_video_options(p: argparse.ArgumentParser) -> None:
 
 def _upscaler(args: argparse.Namespace):
     """The picture upscaler for the options: straight from the cached export when an earlier run
-    recorded one for these weights and options (no torch import), else the torch model."""
+    recorded one for these weights and options (no torch import), else the torch model (always with --ensemble)."""
     from functools import partial
 
     from a2n.backends import express
 
     weights = Path(args.weights) if args.weights else shipped_weights_path(args.scale, args.variant)
     key = None
-    if args.backend != "torch" and args.tile is None and weights is not None and weights.is_file():
+    if args.backend != "torch" and args.tile is None and not args.ensemble and weights is not None and weights.is_file():
         key = express.express_key(weights, args.scale, args.variant, args.backend, args.precision, args.threads)
         fast = express.express_upscaler(key, args.scale, _slow_path(args, key), args.max_memory)
         if fast is not None:
@@ -208,7 +211,7 @@ def _upscaler(args: argparse.Namespace):
     if key is not None:
         express.remember_express(key, model, args.backend, args.precision)
     return partial(upscale_picture, model, tile=args.tile, max_memory=args.max_memory, progress=None,
-                   backend=args.backend, precision=args.precision)
+                   backend=args.backend, precision=args.precision, ensemble=args.ensemble)
 
 
 def _slow_path(args: argparse.Namespace, key: str):
@@ -264,6 +267,7 @@ def _add_upscale_parser(sub: argparse._SubParsersAction) -> None:
     from a2n.backends import DEFAULT_BACKEND, DEFAULT_PRECISION
 
     _add_backend_options(p, DEFAULT_BACKEND, DEFAULT_PRECISION)  # the Python API's and the server's defaults too
+    _add_ensemble_option(p, "images only, not clips")
     _add_video_options(p)
     p.set_defaults(func=cmd_upscale)
 
@@ -275,6 +279,13 @@ def _add_backend_options(p: argparse.ArgumentParser, backend: str = "torch", pre
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=precision,
                    help="compute precision; auto: the fastest that costs at most 0.02 dB PSNR on a ground-truth check "
                         f"(bf16 only on CPUs with native bf16) (default {precision})")
+
+
+def _add_ensemble_option(p: argparse.ArgumentParser, note: str = "") -> None:
+    """--ensemble: A2N+, the self-ensemble of the 8 flips and rotations."""
+    p.add_argument("--ensemble", action="store_true",
+                   help="A2N+: average the outputs for the 8 flips and rotations of each image (a little more accurate; "
+                        f"takes 8x the time{'; ' + note if note else ''})")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -493,6 +504,7 @@ def build_parser() -> Parser:
     p.add_argument("--save-images", metavar="DIR", help="write the super-resolved images here")
     p.add_argument("--bicubic-only", action="store_true", help="score only the bicubic baseline")
     _add_backend_options(p)
+    _add_ensemble_option(p, "the row is labelled a2n+")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("train", help="train A2N from a YAML config (torchrun for data-parallel)")

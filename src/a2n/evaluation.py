@@ -18,6 +18,9 @@ from a2n.model import A2N
 from a2n.resize import imresize, modcrop
 
 
+ENSEMBLE_METHOD = "a2n+"
+
+
 class EvaluationError(A2NError):
     """A benchmark folder that is incomplete or inconsistent."""
 
@@ -84,16 +87,18 @@ def evaluate_folder(
     on_image: Callable[[str], None] | None = None,
     backend: str = "torch",
     precision: str = "fp32",
+    ensemble: bool = False,
 ) -> list[DatasetResult]:
-    """Score the bicubic baseline and, when given, the model (on backend at precision) on one benchmark folder."""
+    """Score the bicubic baseline and, when given, the model (on backend at precision; ensemble: A2N+, method a2n+) on one benchmark folder."""
     data_dir = Path(data_dir)
     name = data_dir.resolve().name
-    methods = ["bicubic"] + (["a2n"] if model is not None else [])
+    methods = ["bicubic"] + ([ENSEMBLE_METHOD if ensemble else "a2n"] if model is not None else [])
     results = {m: DatasetResult(name, scale, m) for m in methods}
     for image_name, hr, lr in benchmark_pairs(data_dir, scale):
         for method in methods:
             start = time.perf_counter()
-            sr = imresize(lr, float(scale)) if method == "bicubic" else upscale_array(model, lr, backend=backend, precision=precision)
+            sr = imresize(lr, float(scale)) if method == "bicubic" else upscale_array(model, lr, backend=backend, precision=precision,
+                                                                                      ensemble=ensemble)
             results[method].seconds += time.perf_counter() - start
             if save_images is not None:
                 io.write_png(Path(save_images) / name / f"x{scale}" / method / f"{image_name}.png", sr)

@@ -3,12 +3,13 @@
 Both paths run on the backend and at the precision asked for (a2n.backends; `auto` for both by
 default, the same defaults as `a2n upscale` and the server). At fp32 the tiled path equals the
 whole-image forward within 1e-4; at bf16 it is as close to the fp32 output as the whole bf16 image is.
+ensemble=True (A2N+, self_ensemble) averages the outputs for the 8 flips and rotations: 8x the time.
 """
 
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -85,6 +86,19 @@ def forward_tiled(model: A2N, x: torch.Tensor, out: np.ndarray, tile: int, progr
         tiling.run_tiled(stages, x.detach().float().cpu().contiguous().numpy(), out, tile, progress)
 
 
+def self_ensemble(upscale_rgb: Callable[[np.ndarray], np.ndarray], rgb: np.ndarray) -> np.ndarray:
+    """A2N+: the mean of upscale_rgb over the 8 flips and rotations of rgb, each turned back, in float32, rounded to rgb's dtype once."""
+    x = to_planes(rgb)[0].transpose(1, 2, 0)  # HxWx3 float32 in 0..1, whatever rgb's dtype
+    total: np.ndarray | None = None
+    for flipped in (False, True):
+        source = x[:, ::-1] if flipped else x
+        for turns in range(4):
+            back = np.rot90(upscale_rgb(np.ascontiguousarray(np.rot90(source, turns))), -turns)
+            back = back[:, ::-1] if flipped else back
+            total = back.astype(np.float32) if total is None else np.add(total, back, out=total)
+    return from_planes((total / np.float32(8)).transpose(2, 0, 1)[None], rgb.dtype)
+
+
 def upscale_array(
     model: A2N,
     rgb: np.ndarray,
@@ -93,6 +107,7 @@ def upscale_array(
     progress: bool | None = False,
     backend: str = DEFAULT_BACKEND,
     precision: str = DEFAULT_PRECISION,
+    ensemble: bool = False,
 ) -> np.ndarray:
     """Super-resolve an HxWx3 RGB array (uint8, uint16 or float in 0..1); returns the same dtype.
 
@@ -100,12 +115,15 @@ def upscale_array(
     image that fits is run whole. The result is the same either way (at bf16, as close to fp32).
     backend and precision pick where it runs (a2n.backends; auto: the fastest choice that costs at
     most 0.02 dB); tiles run at the same precision on that backend (auto: the fastest on tiles).
+    ensemble=True (A2N+) runs each of the 8 flips and rotations this way and averages them (self_ensemble): 8x the time.
     """
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ImageInputError(f"expected an HxWx3 RGB array, got shape {rgb.shape}")
     h, w = rgb.shape[:2]
     if tile is not None and tile < 1:
         raise ImageInputError(f"the tile size must be a positive number of pixels, got {tile}")
+    if ensemble:
+        return self_ensemble(lambda t: upscale_array(model, t, tile, max_memory, progress, backend, precision), rgb)
     whole, whole_precision = backends.resolve(model, backend, precision)
     available = None if max_memory is not None else available_memory(next(model.parameters()).device)
     fits = memory.forward_bytes(h, w, model.scale, whole) <= memory.budget_bytes(max_memory, available)
@@ -127,14 +145,15 @@ def upscale_pixels(
     progress: bool | None = False,
     backend: str = DEFAULT_BACKEND,
     precision: str = DEFAULT_PRECISION,
+    ensemble: bool = False,
 ) -> np.ndarray:
     """Super-resolve HxW (gray), HxWx1, HxWx2 (gray+alpha), HxWx3 (RGB) or HxWx4 (RGBA) pixels.
 
     Gray runs as RGB and comes back as the mean of the three outputs; alpha is upscaled
-    separately with bicubic and re-attached (a2n.pixels). Keeps the dtype.
+    separately with bicubic and re-attached (a2n.pixels). Keeps the dtype. ensemble as in upscale_array.
     """
     return pixels_mod.upscale_pixels(
-        pixels, model.scale, lambda rgb: upscale_array(model, rgb, tile, max_memory, progress, backend, precision))
+        pixels, model.scale, lambda rgb: upscale_array(model, rgb, tile, max_memory, progress, backend, precision, ensemble))
 
 
 def load_model(scale: int = 4, variant: str = "a2n", weights: str | os.PathLike | None = None, device: str | torch.device | None = None) -> A2N:
@@ -153,6 +172,7 @@ def upscale(
     max_memory: float | None = None,
     backend: str = DEFAULT_BACKEND,
     precision: str = DEFAULT_PRECISION,
+    ensemble: bool = False,
 ) -> Any:
     """Super-resolve a PIL image, a numpy array or a torch tensor and return the same kind.
 
@@ -162,26 +182,28 @@ def upscale(
     upscale_array; the output is the same for every tile size. backend (auto by default, as for
     `a2n upscale`: the fastest installed runtime, timed once; or torch, onnxruntime, openvino) and
     precision (auto by default: the fastest that costs at most 0.02 dB against ground truth; or fp32,
-    bf16, fp16) pick where it runs, as in a2n.backends.
+    bf16, fp16) pick where it runs, as in a2n.backends. ensemble=True (A2N+) averages the outputs for
+    the 8 flips and rotations of the image: a little more accurate, 8x the time.
     """
     if model is None:
         model = load_model(scale or 4)
     elif scale is not None and scale != model.scale:
         raise ImageInputError(f"scale={scale} was asked for but the model is x{model.scale}; leave scale out or load an x{scale} model")
     if isinstance(image, np.ndarray):
-        return upscale_pixels(model, image, tile, max_memory, False, backend, precision)
+        return upscale_pixels(model, image, tile, max_memory, False, backend, precision, ensemble)
     if isinstance(image, torch.Tensor):
-        return _upscale_tensor(model, image, tile, max_memory, backend, precision)
+        return _upscale_tensor(model, image, tile, max_memory, backend, precision, ensemble)
     from PIL import Image
 
     if isinstance(image, Image.Image):
         from a2n import io
 
-        return io.to_pil(upscale_picture(model, io.from_pil(image), tile, max_memory, False, backend, precision))
+        return io.to_pil(upscale_picture(model, io.from_pil(image), tile, max_memory, False, backend, precision, ensemble))
     raise ImageInputError(f"cannot upscale a {type(image).__name__}; pass a PIL image, a numpy array or a torch tensor")
 
 
-def _upscale_tensor(model: A2N, t: torch.Tensor, tile: int | None, max_memory: float | None, backend: str, precision: str) -> torch.Tensor:
+def _upscale_tensor(model: A2N, t: torch.Tensor, tile: int | None, max_memory: float | None, backend: str, precision: str,
+                    ensemble: bool = False) -> torch.Tensor:
     if t.ndim not in (3, 4) or t.shape[-3] not in (1, 2, 3, 4):
         raise ImageInputError(f"expected a CxHxW or NxCxHxW tensor with C in 1..4, got shape {tuple(t.shape)}")
     if t.dtype != torch.uint8 and not t.dtype.is_floating_point:
@@ -190,7 +212,7 @@ def _upscale_tensor(model: A2N, t: torch.Tensor, tile: int | None, max_memory: f
     outs = []
     for img in batch:
         hwc = img.detach().permute(1, 2, 0).cpu().float().numpy() if t.dtype != torch.uint8 else img.permute(1, 2, 0).cpu().numpy()
-        outs.append(torch.from_numpy(upscale_pixels(model, hwc, tile, max_memory, False, backend, precision)).permute(2, 0, 1))
+        outs.append(torch.from_numpy(upscale_pixels(model, hwc, tile, max_memory, False, backend, precision, ensemble)).permute(2, 0, 1))
     out = torch.stack(outs).to(t.device, t.dtype)
     return out[0] if t.ndim == 3 else out
 
@@ -203,7 +225,8 @@ def upscale_picture(
     progress: bool | None = False,
     backend: str = DEFAULT_BACKEND,
     precision: str = DEFAULT_PRECISION,
+    ensemble: bool = False,
 ) -> Picture:
-    """Super-resolve a decoded picture: pixels, alpha, and its DPI (scaled so the print size stays)."""
+    """Super-resolve a decoded picture: pixels, alpha, and its DPI (scaled so the print size stays); ensemble as in upscale_array."""
     return pixels_mod.upscale_picture(
-        picture, model.scale, lambda rgb: upscale_array(model, rgb, tile, max_memory, progress, backend, precision))
+        picture, model.scale, lambda rgb: upscale_array(model, rgb, tile, max_memory, progress, backend, precision, ensemble))

@@ -52,8 +52,9 @@ function addFiles(files) {
   clearError();
   const scale = Number(document.querySelector("input[name=scale]:checked")?.value || 4);
   const format = $("format").value;
+  const ensemble = $("ensemble").checked;
   for (const file of files) {
-    const job = { file, scale, format, state: "waiting", sourceUrl: URL.createObjectURL(file) };
+    const job = { file, scale, format, ensemble, state: "waiting", sourceUrl: URL.createObjectURL(file) };
     job.el = renderJob(job);
     jobs.push(job);
   }
@@ -65,7 +66,7 @@ function renderJob(job) {
   li.className = "job";
   li.innerHTML = `<span class="name"></span><progress max="100" value="0"></progress>`
     + `<span class="status" aria-live="polite">Waiting</span><span class="actions"></span>`;
-  li.querySelector(".name").textContent = `${job.file.name} (×${job.scale})`;
+  li.querySelector(".name").textContent = `${job.file.name} (×${job.scale}${job.ensemble ? ", A2N+" : ""})`;
   li.querySelector(".name").title = job.file.name;
   li.querySelector("progress").setAttribute("aria-label", `Progress of ${job.file.name}`);
   $("jobs").append(li);
@@ -142,6 +143,7 @@ function send(job) {
     form.append("file", job.file, job.file.name);
     form.append("scale", String(job.scale));
     form.append("format", job.format);
+    form.append("ensemble", String(job.ensemble));
     xhr.send(form);
   });
 }
@@ -172,7 +174,7 @@ function show(job) {
   $("viewer-title").textContent = `${job.file.name}: ${job.width / job.scale}×${job.height / job.scale} → ${job.width}×${job.height}`;
   $("after").src = job.resultUrl;
   $("before").src = job.sourceUrl;
-  $("after-label").textContent = `after (a2n ×${job.scale}) ▶`;
+  $("after-label").textContent = `after (${job.ensemble ? "a2n+" : "a2n"} ×${job.scale}) ▶`;
   $("download").href = job.resultUrl;
   $("download").download = job.name;
   setDivider(50);
