@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from a2n.model import A2N
-from a2n.training import autocast_dtype, cpu_supports_bf16, forward_backward
+from a2n.backends.cpu import native_bf16
+from a2n.training import autocast_dtype, forward_backward
 
 
 def main() -> None:
@@ -80,7 +81,7 @@ def main() -> None:
     n = args.rounds * args.steps * args.batch
     rates = {k: n / t for k, t in times.items()}
     print(f"x{args.scale}, batch {args.batch}, LR patch {args.patch}, {torch.get_num_threads()} threads, "
-          f"CPU native bf16: {cpu_supports_bf16()}")
+          f"CPU native bf16: {native_bf16()}")
     for k, r in rates.items():
         print(f"{k:<55} {r:7.2f} patches/s")
     base, mine = list(rates.values())[:2]

@@ -332,3 +332,130 @@ def test_every_shipped_config_loads_and_trains_at_255(name: str) -> None:
     assert cfg.pixel_range == 255.0
     if name == "a2n_joint.yaml":
         assert cfg.scales == [2, 3, 4]
+
+
+def budget_config(tmp_path: Path, seconds: float, **extra) -> dict:
+    """A tiny run with a time budget of `seconds`; iterations only sets the warm-up's share (2/8 of the budget)."""
+    return base_config(tmp_path, time_budget_hours=seconds / 3600, iterations=8, warmup=2, min_lr=1e-6, workers=0,
+                       log_every=1, save_every=1000, **extra)
+
+
+def train_records(run: Path) -> list[dict]:
+    return [r for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+
+
+def assert_lr_follows_the_clock(records: list[dict], cfg, since: float = 0.0) -> None:
+    """Each logged lr was set between the previous record's time and its own (one step, log_every=1), so once
+    the cosine runs (lr falling with time) it lies between the schedule at those two times (0.05 s: rounding)."""
+    from a2n.training import lr_at_time
+
+    warm_end = cfg.time_budget_hours * 3600 * cfg.warmup / cfg.iterations
+    before = since
+    for r in records:
+        if before - 0.05 > warm_end:
+            assert lr_at_time(r["time"] + 0.05, cfg) <= r["lr"] <= lr_at_time(before - 0.05, cfg), (before, r)
+        before = r["time"]
+
+
+def test_time_budget_ends_on_time_with_best_and_last_files(tmp_path: Path) -> None:
+    """A 5-second budget: the lr follows elapsed time over the budget down to about min_lr, the run stops once
+    the budget is spent (validation counted) and writes best and last files."""
+    from a2n.training import lr_at_time
+
+    bench = tiny_benchmark(tmp_path / "bench", (2,))
+    cfg = config_from_dict(budget_config(tmp_path, 5.0, val_dir=str(bench), val_every=4))
+    summary = train(cfg)
+    run = tmp_path / "run"
+    assert summary["status"] == "finished" and summary["step"] >= 3
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    assert 5.0 <= ckpt["elapsed"] < 5.0 + 10, ckpt["elapsed"]  # one step, a validation and the saves past it, on a loaded CPU
+    for name in ("best.pt", "best.safetensors", "last.safetensors", "config.yaml"):
+        assert (run / name).is_file(), name
+    records = train_records(run)
+    assert [r["step"] for r in records] == list(range(1, summary["step"] + 1))
+    assert_lr_follows_the_clock(records, cfg)
+    longest = max(b["time"] - a["time"] for a, b in zip(records, records[1:]))  # a step, with a validation at times
+    assert records[-1]["lr"] <= lr_at_time(5.0 - longest - 0.1, cfg), (longest, records[-1])  # the last step began near the end
+    assert lr_at_time(5.0, cfg) == cfg.min_lr
+    vals = [r for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if r["kind"] == "val"]
+    assert vals[-1]["step"] == summary["step"]  # the last step is validated, whatever val_every says
+
+
+def test_time_budget_resume_restores_elapsed_time(tmp_path: Path) -> None:
+    """SIGTERM part-way through a budget, then --resume: the clock goes on from the checkpoint's elapsed time,
+    the lr from the schedule at that time, and the run ends when the same budget is spent."""
+    import threading
+
+    cfg = config_from_dict(budget_config(tmp_path, 8.0))
+    log_path = tmp_path / "run" / "log.jsonl"
+
+    def interrupt_after_two_steps() -> None:  # only once the loop runs, so the run's own handler catches it
+        deadline = time.time() + 120
+        while time.time() < deadline and not (log_path.exists() and log_path.read_text().count("\n") >= 2):
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    handler = signal.getsignal(signal.SIGTERM)
+    threading.Thread(target=interrupt_after_two_steps, daemon=True).start()
+    first = train(cfg)
+    assert first["status"].startswith("interrupted by signal") and signal.getsignal(signal.SIGTERM) is handler
+    cut = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert cut["step"] == first["step"] and 0 < cut["elapsed"] < 8.0
+    second = train(cfg, resume=True)
+    assert second["status"] == "finished" and second["step"] > cut["step"]
+    after = [r for r in train_records(tmp_path / "run") if r["step"] > cut["step"]]
+    assert after[0]["step"] == cut["step"] + 1 and after[0]["time"] >= cut["elapsed"] - 0.05
+    assert_lr_follows_the_clock(after, cfg, since=cut["elapsed"])
+    end = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert 8.0 <= end["elapsed"] < 8.0 + 10 and second["elapsed"] >= 8.0
+
+
+def test_time_budget_schedule_and_config() -> None:
+    from a2n.training import lr_at_time
+
+    cfg = load_config(None, ["time_budget_hours=1", "iterations=100", "warmup=10", "lr=1e-3", "min_lr=0"])
+    assert cfg.time_budget_hours == 1.0 and isinstance(cfg.time_budget_hours, float)
+    assert lr_at_time(0, cfg) == 0 and lr_at_time(180, cfg) == pytest.approx(5e-4)  # half-way up the warm-up (10% of 1 h)
+    assert lr_at_time(360, cfg) == pytest.approx(1e-3) and lr_at_time(360 + 1620, cfg) == pytest.approx(5e-4)
+    assert lr_at_time(3600, cfg) == 0 and lr_at_time(7200, cfg) == 0
+    assert config_from_dict({}).time_budget_hours is None and load_config(ROOT / "configs" / "a2n_joint.yaml").time_budget_hours is None
+    with pytest.raises(ConfigError, match="time_budget_hours must be positive"):
+        config_from_dict({"time_budget_hours": 0})
+    with pytest.raises(ConfigError, match="time_budget_hours must be float"):
+        config_from_dict({"time_budget_hours": "soon"})
+    with pytest.raises(ConfigError, match="restart_every counts steps"):
+        config_from_dict({"time_budget_hours": 1, "restart_every": 100})
+    with pytest.raises(ConfigError, match="warmup 100 >= iterations 100"):
+        config_from_dict({"time_budget_hours": 1, "warmup": 100, "iterations": 100})
+
+
+def test_gpu_recipe_runs_on_cpu_with_a_tiny_config(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """scripts/train_gpu.py with configs/a2n_joint_gpu.yaml made tiny, on CPU for 3 seconds: best and last
+    files at x2/x3/x4 and the Set5 table (here a tiny benchmark) with the gain over the shipped files."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_gpu", ROOT / "scripts" / "train_gpu.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    bench = tiny_benchmark(tmp_path / "bench", (2, 3, 4))
+    run = tmp_path / "gpu"
+    overrides = [f"train_dirs=[{make_images(tmp_path / 'hr')}]", f"cache_dir={tmp_path / 'cache'}", f"val_dir={bench}",
+                 f"out_dir={run}", "patch_size=12", "batch_size=4", "workers=1", "precision=fp32", "val_every=3",
+                 "tensorboard=false"]
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # init_weights (the shipped files) is relative to the repository root
+    try:
+        status = script.main(["--device", "cpu", "--minutes", "0.05", "--set5", str(bench), *overrides])
+    finally:
+        os.chdir(cwd)
+    out = capsys.readouterr().out
+    assert status == 0, out
+    for s in (2, 3, 4):
+        assert (run / f"best_x{s}.safetensors").is_file() and (run / f"last_x{s}.safetensors").is_file()
+    table = json.loads((run / "set5.json").read_text())
+    assert [r["scale"] for r in table["rows"]] == [2, 3, 4] and table["device"] == "cpu"
+    assert all(r["gain"] == pytest.approx(r["trained"] - r["shipped"]) and r["shipped"] > 25 for r in table["rows"])
+    assert "scale  shipped  trained    gain" in out and out.count("\n   x") == 3
+    assert torch.load(run / "last.pt", weights_only=True)["config"]["time_budget_hours"] == pytest.approx(0.05 / 60)
+    assert script.main(["--device", "cpu", "--minutes", "1", "val_dir=null"]) == 2
+    assert "val_dir is null" in capsys.readouterr().err

@@ -29,6 +29,7 @@ import yaml
 from torch.utils.data import DataLoader, Dataset
 
 from a2n import A2NError
+from a2n.backends.cpu import native_bf16
 from a2n.data import PatchDataset, ScaleCycle, StepBatchSampler
 from a2n.evaluation import evaluate_folder
 from a2n.model import A2N, MultiScaleA2N, count_parameters
@@ -129,7 +130,8 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> TrainConfig
         if cfg.time_budget_hours <= 0:
             raise ConfigError(f"{source}: time_budget_hours must be positive (or null for a step-count run)")
         if cfg.restart_every:
-            raise ConfigError(f"{source}: restart_every counts steps; a time budget lays one cosine over the budget, so set restart_every: 0")
+            raise ConfigError(f"{source}: restart_every counts steps, and a time budget lays one cosine over the budget; "
+                              "set restart_every: 0")
         if cfg.warmup >= cfg.iterations:
             raise ConfigError(f"{source}: with a time budget the warm-up takes warmup/iterations of it; "
                               f"warmup {cfg.warmup} >= iterations {cfg.iterations} leaves no time for the cosine")
@@ -185,22 +187,13 @@ def lr_at_time(elapsed: float, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * cosine))
 
 
-def cpu_supports_bf16() -> bool:
-    """True when the CPU has native bf16 (AVX512-BF16 or AMX), where bf16 autocast pays off."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for a precision setting on this device (None: plain fp32)."""
     if precision == "fp32":
         return None
     if device.type == "cuda":
         return torch.float16 if precision == "fp16" else torch.bfloat16
-    if precision == "bf16" or (precision == "auto" and cpu_supports_bf16()):
+    if precision == "bf16" or (precision == "auto" and native_bf16()):
         return torch.bfloat16
     return None
 
@@ -408,7 +401,9 @@ class Run:
 
     def nets(self, container: torch.nn.Module) -> dict[int, A2N]:
         """The plain A2N of each scale inside a model (the model itself in single-scale runs)."""
-        return {s: container.net(s) for s in self.scales} if self.joint else {self.cfg.scale: container}  # type: ignore[operator, dict-item]
+        if not self.joint:
+            return {self.cfg.scale: container}  # type: ignore[dict-item]
+        return {s: container.net(s) for s in self.scales}  # type: ignore[operator]
 
     def start_clock(self) -> None:
         """Start counting this session's wall and CPU seconds (added to those of earlier sessions)."""
@@ -441,7 +436,7 @@ def start_run(cfg: TrainConfig, procs: Processes, resume: bool, skipped_images: 
     torch.manual_seed(cfg.seed)
     model = new_model(cfg, procs.device)
     ema_model = new_model(cfg, procs.device) if cfg.ema > 0 else None
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)  # type: ignore[arg-type]
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     amp_dtype = autocast_dtype(cfg.precision, procs.device)
     run = Run(
         cfg, procs, out, model, ema_model, optimizer, step_model=model,
