@@ -158,7 +158,7 @@ def main() -> None:
         "## Inference speed", "",
         f"`python bench/infer.py --threads {args.threads}`, one run. Machine: {platform.machine()}, {torch.get_num_threads()} threads, "
         f"CPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16: {cpu.native_bf16()}; "
-        f"torch {torch.__version__}; weights: {origin}. Shared with a training job, so read times as rough.",
+        f"torch {torch.__version__}; weights: {origin}.",
         f"Matmul peak measured in this run (fp32 2048x2048, bf16 2048 with native bf16, else 512): bf16 {peak_bf16:.1f} GFLOP/s, fp32 {peak_fp32:.1f} GFLOP/s. "
         f"GFLOP/s counts 2 x the multiply-adds of convolutions and linear layers (`a2n info`). Fidelity: PSNR of "
         f"each output against our torch fp32 output on the 0..1 scale. Set5 cost: PSNR on Y (as `a2n evaluate`) of torch fp32 "
