@@ -15,6 +15,7 @@ from a2n.inference import forward, load_model, self_ensemble, to_tensor, upscale
 from a2n.model import A2N
 from a2n.resize import modcrop
 from conftest import BENCHMARK, need
+from test_inference import image, random_model
 
 H, W = 20, 24  # not square: the rotated images are 24 x 20
 
@@ -22,24 +23,6 @@ H, W = 20, 24  # not square: the rotated images are 24 x 20
 @pytest.fixture(autouse=True)
 def _one_thread(one_thread: None) -> None:
     """Every test here runs on one torch thread (see conftest.one_thread)."""
-
-
-def random_model(scale: int = 2, seed: int = 0) -> A2N:
-    """A seeded model whose branch weights depend strongly on the pooled mean, so tiles must get it right."""
-    torch.manual_seed(seed)
-    model = A2N(scale=scale).eval()
-    with torch.no_grad():
-        for block in model.AAB_trunk:
-            block.ADM[0].weight.mul_(30.0)
-            block.ADM[2].weight.mul_(30.0)
-    return model
-
-
-def image(h: int = H, w: int = W, seed: int = 0) -> np.ndarray:
-    """A float32 RGB test image in 0..1 with no symmetry: a gradient plus noise."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:h, 0:w]
-    return np.clip(np.dstack([x / w, y / h, (x + y) / (h + w)]) * 0.7 + rng.random((h, w, 3)) * 0.3, 0, 1).astype(np.float32)
 
 
 def by_hand(model: A2N, img: np.ndarray) -> np.ndarray:
@@ -71,7 +54,7 @@ def test_transforms_are_undone_exactly() -> None:
 
 def test_ensemble_is_the_mean_of_the_8_outputs() -> None:
     """Float output equals the hand-made mean within 1e-5; uint8 is that mean rounded once (within one step)."""
-    model = random_model()
+    model = random_model(2, pixel_range=255.0)
     img = image()
     expected = by_hand(model, img)
     out = upscale_array(model, img, backend="torch", precision="fp32", ensemble=True)
@@ -87,7 +70,7 @@ def test_ensemble_is_the_mean_of_the_8_outputs() -> None:
 
 def test_ensemble_tiled_equals_whole() -> None:
     """Every one of the 8 images takes upscale_array's exact tiled path: tiled equals whole within 1e-4."""
-    model = random_model()
+    model = random_model(2, pixel_range=255.0)
     img = image()
     whole = upscale_array(model, img, backend="torch", precision="fp32", ensemble=True)
     tiled = upscale_array(model, img, tile=9, backend="torch", precision="fp32", ensemble=True)  # 3 x 3 tiles, 20 x 24 and 24 x 20
@@ -96,7 +79,7 @@ def test_ensemble_tiled_equals_whole() -> None:
 
 def test_api_passes_ensemble_through() -> None:
     """a2n.upscale on gray+alpha pixels and on tensors runs the ensemble on the colour and keeps the layout."""
-    model = random_model()
+    model = random_model(2, pixel_range=255.0)
     img = image()
     gray_alpha = np.dstack([img[..., 0], img[..., 1]])
     out = upscale(gray_alpha, model, backend="torch", precision="fp32", ensemble=True)
