@@ -293,7 +293,7 @@ def test_bad_inputs_get_one_line_naming_the_file(model: torch.nn.Module, tmp_pat
         (good, "good.mp4", {"overwrite": True}, "good.mp4: the output would replace the input"),
         (good, "taken.mp4", {}, "taken.mp4: already exists; pass --overwrite"),
         (good, "x.mp4", {"codec": "nope"}, "unknown video codec 'nope'"),
-        (good, "x.mp4", {"codec": "aac"}, "'aac' is a audio codec"),
+        (good, "x.mp4", {"codec": "aac"}, "'aac' is not a video codec (audio)"),
         (good, "x.mov", {"codec": "ffv1"}, "the mov container cannot hold ffv1 video"),
         (good, "x.mkv", {"codec": "ffv1", "crf": 20}, "--crf does not apply to ffv1"),
         (good, "x.mp4", {"preset": "fastest-ever"}, "libx264 refused these settings"),

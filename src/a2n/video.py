@@ -324,7 +324,7 @@ def _plan_encoding(clip: Clip, dst: Path, scale: int, codec: str | None, crf: in
     except (av.error.FFmpegError, ValueError) as exc:
         raise VideoError(f"unknown video codec {name!r} in this FFmpeg build; try libx264, libx265, libvpx-vp9, libsvtav1 or ffv1") from exc
     if encoder.type != "video":
-        raise VideoError(f"{name!r} is a {encoder.type} codec; --codec takes a video codec such as libx264")
+        raise VideoError(f"{name!r} is not a video codec ({encoder.type}); --codec takes a video codec such as libx264")
     if not _holds(out_format, encoder.name):
         raise VideoError(f"{dst}: the {out_format} container cannot hold {encoder.name} video; use another --codec or an .mkv output")
     private = {o.name for o in av.CodecContext.create(encoder.name, "w").supported_options.private}
