@@ -43,6 +43,7 @@ _tiled_choices: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model
 
 
 def check_request(backend: str, precision: str) -> None:
+    """Refuse an unknown backend or precision, naming the choices."""
     if backend not in BACKENDS:
         raise BackendError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if precision not in PRECISIONS:

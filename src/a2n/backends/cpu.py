@@ -34,7 +34,3 @@ def native_bf16() -> bool:
         return platform.machine() == "arm64"  # Apple silicon: no /proc/cpuinfo, bf16 from M2 on
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
-
-def native_int8() -> bool:
-    """Whether this CPU has int8 dot-product instructions (AVX512-VNNI, AVX-VNNI, AMX-INT8, ARM dotprod)."""
-    return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8", "asimddp"})

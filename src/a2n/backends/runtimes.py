@@ -86,6 +86,7 @@ def candidates() -> list[tuple[str, str]]:
 
 
 def torch_dtype(precision: str) -> torch.dtype:
+    """The torch dtype of a precision name."""
     import torch
 
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
