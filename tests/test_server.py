@@ -347,7 +347,7 @@ def serving(tmp_path: Path, weights: Path, *options: str) -> Iterator[tuple[str,
 def test_load_of_20_concurrent_uploads(tmp_path: Path, weights: Path, model: A2N) -> None:
     images = [encoded(rgb(12, 16, seed)) for seed in range(20)]
     with serving(tmp_path, weights, "--workers", "1", "--queue", "4") as (url, proc, _):
-        with httpx.Client(base_url=url) as c:
+        with httpx.Client(base_url=url, timeout=120) as c:  # the first request may time auto once (several seconds)
             assert post(c, images[0]).status_code == 200
         start = rss(proc.pid)
 
@@ -383,7 +383,7 @@ def wire(request: httpx.Request) -> bytes:
 def test_disconnected_clients_leave_no_temporary_files(tmp_path: Path, weights: Path) -> None:
     with serving(tmp_path, weights, "--max-upload-mb", "4") as (url, proc, tmp):
         port = int(url.rsplit(":", 1)[1])
-        with httpx.Client(base_url=url) as c:
+        with httpx.Client(base_url=url, timeout=120) as c:  # the first request may time auto once (several seconds)
             assert post(c, encoded(rgb(12, 16))).status_code == 200
         time.sleep(0.5)
         baseline = len(open_files(proc.pid))
@@ -404,5 +404,5 @@ def test_disconnected_clients_leave_no_temporary_files(tmp_path: Path, weights: 
         assert wait_for(lambda: httpx.get(f"{url}/api/health").json()["busy"] == 0, 60)
         assert wait_for(lambda: len(open_files(proc.pid)) <= baseline), open_files(proc.pid)
         assert set(tmp.iterdir()) == libraries
-        with httpx.Client(base_url=url) as c:
+        with httpx.Client(base_url=url, timeout=120) as c:  # the first request may time auto once (several seconds)
             assert decoded(post(c, encoded(rgb(12, 16)))).shape == (48, 64, 3)
