@@ -37,7 +37,7 @@ from a2n.weights import build_model, shipped_weights_path  # noqa: E402
 CASES = [("256x256 input, x4", 4, 256, 256), ("1280x720 output, x2", 2, 360, 640),
          ("1278x720 output, x3", 3, 240, 426), ("1280x720 output, x4", 4, 180, 320)]
 OURS = [("torch", "fp32"), ("torch", "bf16"), ("torch", "fp16"), ("onnxruntime", "fp32"),
-        ("openvino", "fp32"), ("openvino", "bf16"), ("openvino", "fp16")]
+        ("openvino", "fp32"), ("openvino", "bf16"), ("openvino", "fp16"), ("openvino", "int8")]
 RESULTS = Path(__file__).parent / "RESULTS.md"
 CROP = 48  # side of the crop that precisions torch emulates on this CPU are timed on
 BIG_CASES = [("2000x1500 input, x2", 2, 1500, 2000), ("1000x1000 input, x4", 4, 1000, 1000)]

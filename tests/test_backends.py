@@ -114,6 +114,8 @@ def test_unsupported_choices_are_clear(model: A2N, monkeypatch: pytest.MonkeyPat
     with pytest.raises(BackendError, match="unknown backend"):
         upscale_array(model, image(), tile=8, backend="tensorrt")  # refused on the tiled path too
     with pytest.raises(BackendError, match="unknown precision"):
+        get_runner(model, "torch", "int4")
+    with pytest.raises(BackendError, match="OpenVINO only"):
         get_runner(model, "torch", "int8")
     with pytest.raises(BackendError, match="fp32 only"):
         get_runner(model, "onnxruntime", "fp16")

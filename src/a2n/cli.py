@@ -276,9 +276,10 @@ def _add_backend_options(p: argparse.ArgumentParser, backend: str = "torch", pre
     p.add_argument("--backend", choices=("auto", "torch", "onnxruntime", "openvino"), default=backend,
                    help="where the model runs (big images: tiles on the same runtime at the same precision); auto: the "
                         f"fastest here, measured once per machine and weights (default {backend})")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=precision,
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16", "int8"), default=precision,
                    help="compute precision; auto: the fastest that costs at most 0.02 dB PSNR on a ground-truth check "
-                        f"(bf16 only on CPUs with native bf16) (default {precision})")
+                        "(bf16 only on CPUs with native bf16); int8: OpenVINO on the quantized file shipped with the weights "
+                        f"or made by `a2n export --precision int8`, tiles at fp32 (default {precision})")
 
 
 def _add_ensemble_option(p: argparse.ArgumentParser, note: str = "") -> None:
@@ -289,9 +290,21 @@ def _add_ensemble_option(p: argparse.ArgumentParser, note: str = "") -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from a2n.backends import export
+    from a2n.backends import BackendError, export
     from a2n.inference import load_model
 
+    if args.precision == "int8":
+        from a2n.backends.quantize import quantize
+
+        if args.format != "openvino" or not args.calibration:
+            raise BackendError("INT8 export is for OpenVINO and needs photos to calibrate on: "
+                               "a2n export --format openvino --precision int8 --calibration DIR ...")
+        path, drop = quantize(load_model(args.scale, args.variant, args.weights), args.calibration, args.output, args.max_drop)
+        print(f"wrote {path} (x{args.scale} INT8, dynamic height and width; {drop:+.3f} dB below fp32 on held-out crops "
+              f"of the calibration photos); --precision int8 now finds it for these weights")
+        return
+    if args.calibration:
+        raise BackendError("--calibration is for --precision int8")
     path, diff = export(load_model(args.scale, args.variant, args.weights), args.format, args.output)
     print(f"wrote {path} (x{args.scale}, dynamic height and width; max abs diff vs torch {diff:.1e})")
 
@@ -303,6 +316,14 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", help="weights file (.safetensors, .pt, .pth); default: the shipped weights")
     p.add_argument("--variant", choices=("a2n", "a2n-m", "additive"), default="a2n")
     p.add_argument("-o", "--output", required=True, metavar="PATH", help="file to write (.onnx; for openvino PATH.xml and PATH.bin)")
+    p.add_argument("--precision", choices=("fp32", "int8"), default="fp32",
+                   help="int8: quantize with NNCF for OpenVINO (pip install 'a2n[int8]'), calibrated on --calibration; "
+                        "also kept in the cache folder, where --precision int8 finds it (default fp32)")
+    p.add_argument("--calibration", metavar="DIR", action="append",
+                   help="int8: a folder of photos like the training data, repeatable (at least 4 photos, a quarter "
+                        "held out to check the loss); minutes of work")
+    p.add_argument("--max-drop", type=float, default=0.05, metavar="DB",
+                   help="int8: the most PSNR the held-out crops may lose; layers go back to float until it holds (default 0.05)")
     p.set_defaults(func=cmd_export)
 
 

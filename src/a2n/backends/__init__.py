@@ -1,4 +1,4 @@
-"""Where the forward runs: torch, ONNX Runtime or OpenVINO, at fp32, bf16 or fp16, and `auto`'s choice.
+"""Where the forward runs: torch, ONNX Runtime or OpenVINO, at fp32, bf16, fp16 or int8, and `auto`'s choice.
 
 The model is exported once to ONNX with dynamic height and width (`a2n export`, or on first use
 into the cache folder, keyed by the weights), and the other runtimes load that file. An image too
@@ -8,9 +8,9 @@ each block, tail) are exported the same way and run on the same runtime at the s
 truth is at most 0.02 dB (a2n.backends.auto says how that is measured), once per machine and weights.
 
 The modules, each one concern: cpu (what the CPU computes natively), runtimes (the three
-runtimes), export (ONNX/OpenVINO files), stages (the tiled path's stages), forward (a model's
-forward on one backend and precision), auto (the choice), express (runs that skip importing torch),
-cache (the cache folder). This module holds the entry points the rest of a2n uses.
+runtimes), export (ONNX/OpenVINO files), quantize (INT8 files for OpenVINO), stages (the tiled
+path's stages), forward (a model's forward on one backend and precision), auto (the choice),
+express (runs that skip importing torch), cache (the cache folder). This module holds the entry points the rest of a2n uses.
 """
 
 from __future__ import annotations

@@ -4,7 +4,9 @@ The rule: a (backend, precision) may be chosen only if its PSNR against ground t
 MAX_COST_DB below torch fp32's, on a check made from the packaged sample image (its HR, MATLAB
 bicubic LR, PSNR on Y as `a2n evaluate`). Closeness to the fp32 output does not predict that cost:
 an INT8 model 54 dB from fp32 lost 0.45 dB on Set5 at x2, while bf16, about as far, lost 0.02 at
-most. Among the eligible pairs the fastest on a real-sized image wins, timed in interleaved rounds.
+most. An INT8 file's cost is the larger of that and what it lost on the held-out photos it was
+checked on when made (a2n.backends.quantize). Among the eligible pairs the fastest on a real-sized
+image wins, timed in interleaved rounds.
 The choice is cached in auto.json per machine, weights and request (backend and precision may each
 be given or left to auto); the tiled path runs at the chosen precision on the backend fastest on
 tiles at that precision (`choose_tiled`), timed apart, since tiles and whole images differ.
@@ -25,7 +27,9 @@ from a2n import A2NError, memory, tiling
 from a2n.backends import forward
 from a2n.backends.cache import cache_dir, machine_key, read_table, weights_key, write_table
 from a2n.backends.export import STAGES_FORMAT
-from a2n.backends.runtimes import BACKENDS, PRECISIONS, BackendError, Runner, candidates
+from a2n.backends.quantize import held_out_drop, int8_file, require_int8
+from a2n.backends.runtimes import BACKENDS, PRECISIONS, BackendError, Runner, candidates, openvino_precisions
+from a2n.backends.stages import tile_precision
 
 if TYPE_CHECKING:
     import torch
@@ -63,8 +67,9 @@ def resolve(model: A2N, backend: str, precision: str) -> tuple[str, str]:
 
 def resolve_tiled(model: A2N, backend: str, precision: str) -> tuple[str, str]:
     """The (backend, precision) the tiled path runs on: the whole image's precision, on backend or, for
-    auto, on the backend fastest on tiles at that precision (choose_tiled)."""
+    auto, on the backend fastest on tiles at that precision (choose_tiled); int8 tiles run at fp32 (tile_precision)."""
     whole, precision = resolve(model, backend, precision)
+    precision = tile_precision(precision)
     if backend != "auto":
         return whole, precision
     made = _tiled_choices.setdefault(model, {})
@@ -73,20 +78,29 @@ def resolve_tiled(model: A2N, backend: str, precision: str) -> tuple[str, str]:
     return made[precision], precision
 
 
-def pairs_for(backend: str, precision: str) -> list[tuple[str, str]]:
+def model_candidates(model: A2N) -> list[tuple[str, str]]:
+    """candidates(), and OpenVINO int8 where the model has an INT8 file (a2n.backends.quantize) and OpenVINO runs INT8."""
+    found = candidates()
+    if ("openvino", "fp32") in found and int8_file(model) is not None and "int8" in openvino_precisions():
+        found.append(("openvino", "int8"))
+    return found
+
+
+def pairs_for(model: A2N, backend: str, precision: str) -> list[tuple[str, str]]:
     """The candidates a request leaves to choose from; a request nothing here runs natively gets its only way."""
-    found = [(b, p) for b, p in candidates() if backend in ("auto", b) and precision in ("auto", p)]
+    found = [(b, p) for b, p in model_candidates(model) if backend in ("auto", b) and precision in ("auto", p)]
     if found:
         return found
-    return [(backend if backend != "auto" else "torch", precision if precision != "auto" else "fp32")]
+    default = "openvino" if precision == "int8" else "torch"  # int8 asked where it cannot run: OpenVINO's error says why
+    return [(backend if backend != "auto" else default, precision if precision != "auto" else "fp32")]
 
 
 def choose(model: A2N, backend: str = "auto", precision: str = "auto") -> tuple[str, str]:
     """The fastest (backend, precision) for the request that costs at most MAX_COST_DB, measured once and cached."""
-    pairs = pairs_for(backend, precision)
+    pairs = pairs_for(model, backend, precision)
     if len(pairs) == 1:  # nothing to choose between (torch alone, or a request that names both)
         return pairs[0]
-    key = f"{machine_key()}-{weights_key(model)}-{backend}-{precision}"
+    key = f"{machine_key()}-{weights_key(model)}-{backend}-{precision}" + ("-int8" if ("openvino", "int8") in pairs else "")
     entry = cached_fastest(key, f"{len(pairs)} backends and precisions", lambda: measure(model, pairs),
                            eligible=lambda r: r["cost_db"] <= MAX_COST_DB)
     return entry["backend"], entry["precision"]
@@ -174,8 +188,10 @@ def measure(model: A2N, pairs: list[tuple[str, str]], size: int | None = None, r
             out = run(lr)
             run(x)
             runs[(backend, precision)] = run
-            rows.append({"backend": backend, "precision": precision, "cost_db": ref_psnr - psnr_against(hr, out, model.scale),
-                         "fidelity_db": fidelity_db(out, ref)})
+            cost = ref_psnr - psnr_against(hr, out, model.scale)
+            if precision == "int8":  # one photo is a small check: what the file lost on its held-out crops counts too
+                cost = max(cost, held_out_drop(require_int8(model)))
+            rows.append({"backend": backend, "precision": precision, "cost_db": cost, "fidelity_db": fidelity_db(out, ref)})
         except A2NError as exc:
             rows.append({"backend": backend, "precision": precision, "error": str(exc)})
     for _ in range(repeat):

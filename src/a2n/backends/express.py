@@ -21,7 +21,8 @@ from a2n.backends import auto, forward
 from a2n.backends.cache import cache_dir, machine_text, read_table, write_table
 from a2n.backends.export import cached_onnx, stages_folder, stages_ready
 from a2n.backends.runtimes import BackendError, onnxruntime_forward, openvino_forward
-from a2n.backends.stages import ExportedStages
+from a2n.backends.quantize import require_int8
+from a2n.backends.stages import ExportedStages, tile_precision
 
 if TYPE_CHECKING:
     from a2n.io import Picture
@@ -49,9 +50,10 @@ def remember_express(key: str, model: A2N, backend: str, precision: str) -> None
     backend, precision = auto.resolve(model, backend, precision)
     if backend == "torch":
         return
-    tiled = backend_asked if backend_asked != "auto" else auto.known_tiled_choice(model, precision)
+    tiled = backend_asked if backend_asked != "auto" else auto.known_tiled_choice(model, tile_precision(precision))
     forward.runner(model, backend, precision)  # raises here, before anything is recorded, when the pair cannot run
-    entry = {"backend": backend, "precision": precision, "onnx": str(cached_onnx(model)), "stages": str(stages_folder(model)),
+    path = require_int8(model) if precision == "int8" else cached_onnx(model)
+    entry = {"backend": backend, "precision": precision, "model": str(path), "stages": str(stages_folder(model)),
              "tiled": tiled, "threads": torch.get_num_threads()}
     path = cache_dir() / "express.json"
     table = read_table(path)
@@ -71,12 +73,12 @@ def express_upscaler(key: str, scale: int, slow_path: Callable[[np.ndarray], np.
     entry = read_table(cache_dir() / "express.json").get(key)
     if entry is None:
         return None
-    onnx = Path(entry["onnx"])
-    if not onnx.is_file():
+    path = Path(entry.get("model", ""))
+    if not path.is_file():
         return None
     make = onnxruntime_forward if entry["backend"] == "onnxruntime" else openvino_forward
     try:
-        run = make(onnx, entry["precision"], entry["threads"])
+        run = make(path, entry["precision"], entry["threads"])
     except BackendError:  # the runtime was uninstalled since: take the torch path, which chooses again
         return None
     stages: list[ExportedStages] = []
@@ -89,7 +91,7 @@ def express_upscaler(key: str, scale: int, slow_path: Callable[[np.ndarray], np.
         if tiled not in ("onnxruntime", "openvino") or not stages_ready(folder):
             return slow_path(rgb)
         if not stages:
-            stages.append(ExportedStages(folder, tiled, entry["threads"], entry["precision"]))
+            stages.append(ExportedStages(folder, tiled, entry["threads"], tile_precision(entry["precision"])))
         tile = tiling.plan_tile(h, w, scale, stages[0].channels, max_memory, rgb.dtype.itemsize, tiled, whole=False)
         out = np.empty((h * scale, w * scale, 3), dtype=rgb.dtype)
         tiling.run_tiled(stages[0], pixels.to_planes(rgb), out, tile, None)

@@ -9,6 +9,7 @@ import weakref
 from typing import TYPE_CHECKING
 
 from a2n.backends.export import cached_onnx, export_stages, stages_folder, stages_ready
+from a2n.backends.quantize import require_int8
 from a2n.backends.runtimes import BackendError, Runner, onnxruntime_runner, openvino_runner, torch_runner
 from a2n.backends.stages import ExportedStages, TorchStages
 
@@ -28,14 +29,16 @@ def runner(model: A2N, backend: str, precision: str) -> Runner:
         elif backend == "onnxruntime":
             made[(backend, precision)] = onnxruntime_runner(cached_onnx(model), precision)
         elif backend == "openvino":
-            made[(backend, precision)] = openvino_runner(cached_onnx(model), precision)
+            path = require_int8(model) if precision == "int8" else cached_onnx(model)
+            made[(backend, precision)] = openvino_runner(path, precision)
         else:
             raise BackendError(f"no forward for backend {backend!r}")
     return made[(backend, precision)]
 
 
 def stages(model: A2N, backend: str, precision: str) -> TorchStages | ExportedStages:
-    """The tiled forward's stages of model on backend at precision (exported to the cache on first use)."""
+    """The tiled forward's stages of model on backend at precision (exported to the cache on first use; int8 has
+    none: a2n.backends.stages.tile_precision)."""
     import torch
 
     made = _stages.setdefault(model, {})

@@ -23,9 +23,9 @@ if TYPE_CHECKING:
     from a2n.model import A2N
 
 BACKENDS: tuple[str, ...] = ("auto", "torch", "onnxruntime", "openvino")
-PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
-OV_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
-OV_CAPABILITY = {"fp32": "FP32", "bf16": "BF16", "fp16": "FP16"}
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16", "int8")
+OV_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}  # int8: the quantized IR; what it keeps in float stays fp32
+OV_CAPABILITY = {"fp32": "FP32", "bf16": "BF16", "fp16": "FP16", "int8": "INT8"}
 
 Runner = Callable[["torch.Tensor"], "torch.Tensor"]
 Forward = Callable[..., np.ndarray]  # float32 arrays in the graph's input order -> its first output
@@ -65,13 +65,15 @@ def openvino_core() -> Any:
 
 
 def openvino_precisions() -> list[str]:
-    """The precisions OpenVINO's CPU plugin runs here; bf16 only where the CPU has it natively (cpu.native_bf16)."""
+    """The precisions OpenVINO's CPU plugin runs here; bf16 only where the CPU has it natively (cpu.native_bf16);
+    int8 runs a quantized file (a2n.backends.quantize), not the export."""
     caps = openvino_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-    return [p for p in ("fp32", "bf16", "fp16") if OV_CAPABILITY[p] in caps and (p != "bf16" or cpu.native_bf16())]
+    return [p for p in ("fp32", "bf16", "fp16", "int8") if OV_CAPABILITY[p] in caps and (p != "bf16" or cpu.native_bf16())]
 
 
 def candidates() -> list[tuple[str, str]]:
-    """The (backend, precision) pairs worth timing here: installed, and computed in hardware by this CPU."""
+    """The (backend, precision) pairs worth timing here: installed, and computed in hardware by this CPU
+    (int8 is added per model by auto, where the model has an INT8 file)."""
     found = [("torch", "fp32")] + ([("torch", "bf16")] if cpu.native_bf16() else [])
     try:
         require("onnxruntime")
@@ -79,16 +81,18 @@ def candidates() -> list[tuple[str, str]]:
     except BackendError:
         pass
     try:
-        found += [("openvino", p) for p in openvino_precisions()]
+        found += [("openvino", p) for p in openvino_precisions() if p != "int8"]
     except BackendError:
         pass
     return found
 
 
 def torch_dtype(precision: str) -> torch.dtype:
-    """The torch dtype of a precision name."""
+    """The torch dtype of a precision name (torch runs no int8: that is OpenVINO's)."""
     import torch
 
+    if precision == "int8":
+        raise BackendError("int8 runs on OpenVINO only; use --backend openvino (or auto)")
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
@@ -112,7 +116,8 @@ def onnxruntime_outputs(path: Path, precision: str, threads: int) -> Outputs:
     """An ONNX Runtime CPU session on the exported file (fp32 only: its CPU kernels have no bf16/fp16 convs)."""
     ort = require("onnxruntime")
     if precision != "fp32":
-        raise BackendError(f"onnxruntime runs fp32 only on a CPU, not {precision}; use --backend openvino or torch")
+        raise BackendError(f"onnxruntime runs fp32 only on a CPU, not {precision}; use --backend openvino"
+                           + ("" if precision == "int8" else " or torch"))
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1

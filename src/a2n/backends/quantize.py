@@ -1,0 +1,189 @@
+"""INT8: the model quantized with NNCF for OpenVINO, calibrated on images like the training data.
+
+NNCF's default post-training quantization costs 1.7 dB on Set5 at x2 (bench/RESULTS.md, INT8):
+it rounds to its own 8-bit grids the three places where the image itself flows, the input of the
+first convolution, the residual additions and `out + bilinear(lr)`, and those grids are not the
+image's. Here the first convolution, Add and Interpolate stay in float (little of the compute), the
+other convolutions run in INT8 with asymmetric activations (NNCF's mixed preset): Set5 / Set14 cost
+at most 0.05 dB at every scale of the shipped weights. Where that recipe loses more than max_drop on
+a held-out part of the calibration photos (other weights), NNCF's accuracy control turns the
+layers that cost most back to float until it does not.
+
+The package ships an INT8 file per shipped weights (pretrained/a2n_x<S>_<key>_int8.xml and .bin,
+made by scripts/ship_weights.py); `a2n export --format openvino --precision int8 --calibration DIR`
+makes one for other weights and files it in the cache folder too, where `--precision int8` finds it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+
+from a2n.backends.cache import cache_dir, weights_key
+from a2n.backends.runtimes import BackendError, openvino_core, require
+
+if TYPE_CHECKING:
+    from a2n.model import A2N
+
+PRETRAINED = Path(__file__).resolve().parent.parent / "pretrained"
+MAX_DROP_DB = 0.05  # the most the held-out crops may lose before accuracy control steps in (auto's own rule is 0.02)
+FLOAT_OPS = ["Add", "Interpolate"]  # kept in float with the first convolution: their inputs carry the image (see above)
+CALIBRATION_CROPS, VALIDATION_CROPS = 64, 32
+CALIBRATION_SIDE, VALIDATION_SIDE = 48, 64  # LR crop sides
+
+
+def int8_name(model: A2N) -> str:
+    """The file name of the model's INT8 IR, keyed by its weights (a file for other weights never matches)."""
+    return f"a2n_x{model.scale}_{weights_key(model)}_int8.xml"
+
+
+def int8_file(model: A2N) -> Path | None:
+    """The model's INT8 IR: made by `a2n export ... --precision int8` (cache folder) or shipped; None if neither."""
+    for folder in (cache_dir(), PRETRAINED):
+        path = folder / int8_name(model)
+        if path.is_file() and path.with_suffix(".bin").is_file():
+            return path
+    return None
+
+
+def require_int8(model: A2N) -> Path:
+    """int8_file, or an error that says how to make one."""
+    path = int8_file(model)
+    if path is None:
+        raise BackendError(f"no INT8 model for these x{model.scale} weights; make one with `a2n export --format openvino "
+                           f"--precision int8 --calibration DIR --scale {model.scale} --weights ... -o PATH` "
+                           "(DIR: training-like photos), or use --precision fp32")
+    return path
+
+
+def held_out_drop(path: Path) -> float:
+    """What an INT8 file lost on its held-out calibration crops when it was made (quantize), in dB; 0 if unrecorded."""
+    info = openvino_core().read_model(str(path)).get_rt_info()
+    try:
+        return float(info["a2n"]["held_out_drop_db"].astype(str))
+    except (KeyError, RuntimeError, ValueError):
+        return 0.0
+
+
+def crops(files: list[Path], scale: int, side: int, count: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """count random (LR 1x3xHxW float32 in 0..1, HR HxWx3 uint8) crops of the photos, the LR side x side made by
+    MATLAB bicubic from the HR crop, as the training data is; the photos are taken in turn, one crop each."""
+    from a2n import io
+    from a2n.resize import imresize
+
+    rng = random.Random(seed)
+    size = side * scale
+    out: list[tuple[np.ndarray, np.ndarray]] = []
+    while len(out) < count:
+        for path in rng.sample(files, len(files)):
+            hr = io.read_rgb8(path)
+            y, x = rng.randrange(hr.shape[0] - size + 1), rng.randrange(hr.shape[1] - size + 1)
+            hr = np.ascontiguousarray(hr[y:y + size, x:x + size])
+            lr = imresize(hr, 1.0 / scale).transpose(2, 0, 1)[None].astype(np.float32) / 255
+            out.append((np.ascontiguousarray(lr), hr))
+            if len(out) == count:
+                break
+    return out
+
+
+def calibration_sets(folders: Sequence[str | os.PathLike], scale: int) -> tuple[list, list]:
+    """Calibration and held-out validation crops from folders of photos; the two never share a photo."""
+    from PIL import Image
+
+    from a2n import io
+
+    side = max(CALIBRATION_SIDE, VALIDATION_SIDE) * scale
+    usable = []
+    for path in (p for folder in folders for p in io.list_images(folder)):
+        with Image.open(path) as img:
+            if min(img.size) >= side:
+                usable.append(path)
+    if len(usable) < 4:
+        raise BackendError(f"{', '.join(map(str, folders))}: INT8 calibration needs at least 4 photos of {side}x{side} pixels or more "
+                           f"(found {len(usable)}); use photos like the training data")
+    random.Random(0).shuffle(usable)
+    cut = max(2, len(usable) // 4)
+    return (crops(usable[cut:], scale, CALIBRATION_SIDE, CALIBRATION_CROPS, seed=1),
+            crops(usable[:cut], scale, VALIDATION_SIDE, VALIDATION_CROPS, seed=2))
+
+
+def validation_psnr(compiled, items: list) -> tuple[float, list[float]]:
+    """Mean and per-crop PSNR on Y (8-bit output, shave = scale) of a compiled model on (LR, HR) crops, as `a2n evaluate`."""
+    from a2n import metrics
+    from a2n.pixels import from_planes
+
+    values = []
+    for lr, hr in items:
+        scale = hr.shape[0] // lr.shape[2]
+        values.append(metrics.psnr(from_planes(compiled(lr)[0], np.uint8), hr, shave=scale))
+    return float(np.mean(values)), values
+
+
+def first_conv(model) -> str:
+    """The name of an OpenVINO model's first convolution, the one that reads the image."""
+    return next(op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() == "Convolution")
+
+
+def quantize(model: A2N, calibration: Sequence[str | os.PathLike], path: str | os.PathLike, max_drop: float = MAX_DROP_DB) -> tuple[Path, float]:
+    """Write the model quantized to INT8 as OpenVINO IR (path.xml, path.bin), calibrated on folders of photos,
+    with at most max_drop dB lost on held-out crops of them; also filed in the cache folder for --precision int8.
+    Returns the file and what it loses on the held-out crops (dB, fp32 minus INT8)."""
+    import shutil
+    import tempfile
+    import warnings
+
+    ov = require("openvino")
+    try:
+        import nncf
+        from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
+    except ImportError as exc:
+        raise BackendError("INT8 export needs NNCF: pip install 'a2n[int8]'") from exc
+    nncf.set_log_level(logging.ERROR)  # its INFO lines list every node it leaves in float
+    from openvino._offline_transformations import apply_moc_transformations
+
+    from a2n.backends.export import export_onnx
+
+    calibration_crops, validation_crops = calibration_sets(calibration, model.scale)
+    path = Path(path).with_suffix(".xml")
+    core = openvino_core()
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = core.read_model(str(export_onnx(model, Path(tmp) / "model.onnx")))
+    apply_moc_transformations(fp32, cf=True)  # folds the biases' ShapeOf/Broadcast, or NNCF's bias correction finds none
+    float_ops = nncf.IgnoredScope(types=FLOAT_OPS, names=[first_conv(fp32)])
+    options = {"preset": nncf.QuantizationPreset.MIXED, "subset_size": len(calibration_crops), "ignored_scope": float_ops}
+    calibration_data = nncf.Dataset(calibration_crops, lambda item: item[0])
+
+    def drop_of(int8) -> float:
+        return (validation_psnr(core.compile_model(fp32, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}), validation_crops)[0]
+                - validation_psnr(core.compile_model(int8, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}), validation_crops)[0])
+
+    print(f"a2n: quantizing x{model.scale} to INT8 on {len(calibration_crops)} crops, checked on {len(validation_crops)} "
+          "held-out crops", file=sys.stderr)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        int8 = nncf.quantize(fp32.clone(), calibration_data, **options)
+        drop = drop_of(int8)
+        if drop > max_drop:  # NNCF's accuracy control: the convolutions that cost most go back to float, one by one
+            print(f"a2n: INT8 loses {drop:.3f} dB on the held-out crops, more than {max_drop:g}: finding the layers to keep "
+                  "in float (minutes to tens of minutes)", file=sys.stderr)
+            int8 = nncf.quantize_with_accuracy_control(
+                fp32.clone(), calibration_data, nncf.Dataset(validation_crops, lambda item: item[0]), validation_psnr,
+                max_drop=max_drop, drop_type=nncf.DropType.ABSOLUTE, **options,
+                advanced_accuracy_restorer_parameters=AdvancedAccuracyRestorerParameters(max_num_iterations=sys.maxsize))
+            drop = drop_of(int8)
+    int8.set_rt_info(weights_key(model), ["a2n", "weights_key"])
+    int8.set_rt_info(f"{drop:.4f}", ["a2n", "held_out_drop_db"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ov.save_model(int8, str(path), compress_to_fp16=False)
+    cached = cache_dir() / int8_name(model)
+    if cached.resolve() != path.resolve():
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        for suffix in (".xml", ".bin"):
+            shutil.copy(path.with_suffix(suffix), cached.with_suffix(suffix))
+    return path, drop
