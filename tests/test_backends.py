@@ -7,7 +7,6 @@ import math
 import os
 from io import BytesIO
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -30,13 +29,8 @@ H, W = 18, 22
 
 
 @pytest.fixture(autouse=True)
-def setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """One thread, and a fresh cache folder so that exports and the auto choice start empty."""
-    monkeypatch.setenv("A2N_CACHE_DIR", str(tmp_path / "cache"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def setting(fresh_cache: None) -> None:
+    """Every test here: a fresh cache folder and one thread (conftest.fresh_cache)."""
 
 
 @pytest.fixture(scope="module")

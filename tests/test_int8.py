@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -23,13 +22,8 @@ ov = pytest.importorskip("openvino")
 
 
 @pytest.fixture(autouse=True)
-def setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """A fresh cache folder (made INT8 files and auto's choice start empty) and one thread."""
-    monkeypatch.setenv("A2N_CACHE_DIR", str(tmp_path / "cache"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def setting(fresh_cache: None) -> None:
+    """Every test here: a fresh cache folder and one thread (conftest.fresh_cache)."""
 
 
 def photos(folder: Path, count: int, side: int = 256) -> Path:
