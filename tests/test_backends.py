@@ -235,7 +235,7 @@ def test_later_upscales_skip_torch(weights: str, tmp_path: Path) -> None:
     args = ["upscale", str(tmp_path / "a.png"), "--scale", "2", "--weights", weights, "--backend", "onnxruntime", "-o"]
     assert main([*args, str(tmp_path / "first")]) == 0
     (entry,) = json.loads((tmp_path / "cache" / "express.json").read_text()).values()
-    assert entry["backend"] == "onnxruntime" and Path(entry["onnx"]).is_file()
+    assert entry["backend"] == "onnxruntime" and Path(entry["model"]).is_file()
     code = ("import sys; from a2n.cli import main; code = main(sys.argv[1:]); "
             "print('torch imported' if 'torch' in sys.modules else 'no torch'); sys.exit(code)")
 

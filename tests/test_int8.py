@@ -159,3 +159,21 @@ def test_auto_prices_int8_at_the_larger_of_its_check_and_its_held_out_loss() -> 
         int8 = rows[("openvino", "int8")]
         assert int8["cost_db"] >= max(held_out, least) and held_out > 0, (scale, int8, held_out)
         assert (int8["cost_db"] <= auto.MAX_COST_DB) == (scale == 4)
+
+
+def test_later_int8_upscales_skip_torch(tmp_path: Path) -> None:
+    """`a2n upscale --precision int8` records the INT8 file for the express path: the next run skips torch, same bytes."""
+    import os
+    import subprocess
+    import sys
+
+    io.write_png(tmp_path / "a.png", (rgb_image() * 255).round().astype(np.uint8))
+    args = ["upscale", str(tmp_path / "a.png"), "--scale", "4", "--precision", "int8", "-o"]
+    assert main([*args, str(tmp_path / "first")]) == 0
+    (entry,) = json.loads((tmp_path / "cache" / "express.json").read_text()).values()
+    assert entry["precision"] == "int8" and entry["model"] == str(quantize.int8_file(load_model(4)))
+    code = "import sys; from a2n.cli import main; code = main(sys.argv[1:]); print('torch' in sys.modules); sys.exit(code)"
+    done = subprocess.run([sys.executable, "-c", code, *args, str(tmp_path / "second")], capture_output=True, text=True,
+                          env={**os.environ, "A2N_CACHE_DIR": str(tmp_path / "cache")})
+    assert done.returncode == 0 and done.stdout.splitlines()[-1] == "False", done.stderr
+    assert (tmp_path / "second" / "a_x4.png").read_bytes() == (tmp_path / "first" / "a_x4.png").read_bytes()
