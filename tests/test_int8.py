@@ -52,7 +52,7 @@ def test_every_shipped_scale_has_an_int8_file_within_005_db_on_set5(scale: int) 
     data = need(BENCHMARK / "Set5")
     fp32 = evaluate_folder(data, scale, model)[1]
     int8 = evaluate_folder(data, scale, model, backend="openvino", precision="int8")[1]
-    assert 0 <= fp32.psnr - int8.psnr <= 0.05, (fp32.psnr, int8.psnr)
+    assert abs(fp32.psnr - int8.psnr) <= 0.05, (fp32.psnr, int8.psnr)
 
 
 def test_int8_runs_on_openvino_only_and_tiles_at_fp32() -> None:
@@ -94,23 +94,21 @@ def test_export_int8_refuses_what_it_cannot_do_before_any_work(tmp_path: Path, c
 
 
 @pytest.mark.slow
-def test_export_int8_calibrates_keeps_the_loss_small_and_upscale_finds_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                         capsys: pytest.CaptureFixture) -> None:
+def test_export_int8_calibrates_keeps_the_loss_small_and_upscale_finds_it(tmp_path: Path) -> None:
     """Other weights (here the shipped x4 nudged): `a2n export --precision int8` quantizes them on a
     folder of photos within --max-drop on its held-out crops, files the result in the cache folder, and
     `a2n upscale --precision int8` then runs it; auto times it as a candidate, under its 0.02 dB rule."""
     from a2n.weights import save_weights
 
-    monkeypatch.setattr(quantize, "CALIBRATION_CROPS", 16)
-    monkeypatch.setattr(quantize, "VALIDATION_CROPS", 8)
     model = load_model(4)
     with torch.no_grad():
         model.conv_first.bias.add_(1e-3)  # other weights than the shipped ones: nothing shipped matches
     save_weights(model, tmp_path / "mine.safetensors")
     calibration = photos(tmp_path / "photos", 8)
-    assert main(["export", "--format", "openvino", "--precision", "int8", "--calibration", str(calibration), "--max-drop", "0.05",
-                 "--scale", "4", "--weights", str(tmp_path / "mine.safetensors"), "-o", str(tmp_path / "out" / "mine_int8")]) == 0
-    out = capsys.readouterr().out
+    export = ["export", "--format", "openvino", "--precision", "int8", "--calibration", str(calibration), "--max-drop", "0.05",
+              "--scale", "4", "--weights", str(tmp_path / "mine.safetensors"), "-o", str(tmp_path / "out" / "mine_int8")]
+    out = child("import sys; from a2n.backends import quantize; from a2n.cli import main; "  # NNCF in a child process (see child)
+                f"quantize.CALIBRATION_CROPS, quantize.VALIDATION_CROPS = 16, 8; sys.exit(main({export!r}))")
     assert "INT8" in out and (tmp_path / "out" / "mine_int8.xml").is_file() and (tmp_path / "out" / "mine_int8.bin").is_file()
     drop = float(out.split(" dB below fp32")[0].rsplit("; ", 1)[1])
     assert drop <= 0.05
@@ -133,20 +131,40 @@ def test_export_int8_calibrates_keeps_the_loss_small_and_upscale_finds_it(tmp_pa
 
 @pytest.mark.slow
 def test_accuracy_control_takes_over_when_the_recipe_loses_too_much(tmp_path: Path) -> None:
-    """Where the recipe loses more than max_drop on the held-out crops, NNCF's accuracy control turns layers back to
-    float until it does not (a small random network, and a max_drop below what the recipe loses)."""
-    torch.manual_seed(0)
-    small = A2N(4, nf=8, unf=8, nb=1, pixel_range=255.0).eval()
+    """Where quantization loses more than max_drop on the held-out crops, NNCF's accuracy control turns layers back to
+    float until it does not. Small and quick: the shipped x4 cut to 2 blocks, quantized with nothing kept in float
+    (FLOAT_OPS emptied), then again with max_drop half of that loss. In a child process: NNCF left in the test
+    process crashed later tests (torch, in test_training) there."""
     calibration = photos(tmp_path / "photos", 8)
-    quantize.CALIBRATION_CROPS, quantize.VALIDATION_CROPS = 8, 4
-    try:
-        _, recipe_drop = quantize.quantize(small, [calibration], tmp_path / "recipe", max_drop=10.0)
-        _, drop = quantize.quantize(small, [calibration], tmp_path / "controlled", max_drop=recipe_drop / 2)
-    finally:
-        quantize.CALIBRATION_CROPS, quantize.VALIDATION_CROPS = 64, 32
-    assert recipe_drop > 0.001 and drop <= recipe_drop / 2
+    script = f"""
+import json
+from a2n.backends import quantize
+from a2n.inference import load_model
+from a2n.model import A2N
+full = load_model(4).state_dict()
+small = A2N(4, nb=2, pixel_range=255.0).eval()
+small.load_state_dict({{k: v for k, v in full.items() if k in small.state_dict()}})
+quantize.CALIBRATION_CROPS, quantize.VALIDATION_CROPS, quantize.FLOAT_OPS = 8, 4, []
+_, plain = quantize.quantize(small, [{str(calibration)!r}], {str(tmp_path / "plain")!r}, max_drop=10.0)
+_, drop = quantize.quantize(small, [{str(calibration)!r}], {str(tmp_path / "controlled")!r}, max_drop=plain / 2)
+print(json.dumps([plain, drop]))
+"""
+    plain, drop = json.loads(child(script).splitlines()[-1])
+    assert plain > 0.0005 and drop <= plain / 2, (plain, drop)
     fq = lambda name: sum(op.get_type_name() == "FakeQuantize" for op in ov.Core().read_model(str(tmp_path / f"{name}.xml")).get_ordered_ops())
-    assert fq("controlled") < fq("recipe")
+    assert fq("controlled") < fq("plain")
+
+
+def child(script: str) -> str:
+    """Run a Python script in a fresh process (one thread, this test's cache folder) and return its output."""
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
 
 
 def test_auto_prices_int8_at_the_larger_of_its_check_and_its_held_out_loss() -> None:
