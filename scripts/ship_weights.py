@@ -6,7 +6,7 @@
 The candidate and the shipped file are both scored on Set5 with `a2n evaluate`'s code, so the
 comparison does not rely on numbers written at different times. Shipped weights get their INT8
 file (pretrained/a2n_x<S>_<key>_int8.xml/.bin, a2n.backends.quantize), calibrated on the training
-photos; the file of the weights they replace is removed.
+photos, with its Set5/Set14 cost against fp32 written into it; the file of the weights they replace is removed.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from a2n.weights import build_model, save_weights, shipped_weights_path
 
 PRETRAINED = Path(__file__).resolve().parents[1] / "src" / "a2n" / "pretrained"
 TRAINING_PHOTOS = [Path("../shared/data/train/T91/HR"), Path("../shared/data/train/BSD200/HR")]
+BENCHMARK, BENCHMARK_SETS = Path("../shared/data/benchmark"), ("Set5", "Set14")  # the INT8 file's recorded cost
 
 
 def set5_psnr(path: Path, scale: int, variant: str, data: Path) -> float:
@@ -30,12 +31,19 @@ def set5_psnr(path: Path, scale: int, variant: str, data: Path) -> float:
 
 
 def ship_int8(scale: int, variant: str, max_drop: float = quantize.MAX_DROP_DB) -> None:
-    """Quantize the shipped weights of scale to INT8 next to them, replacing the file of earlier weights."""
+    """Quantize the shipped weights of scale to INT8 next to them, replacing the file of earlier weights, and record
+    in it what it loses on Set5 and Set14 against fp32: auto prices the file at that too (a2n.backends.quantize.price)."""
     model = build_model(scale, variant, shipped_weights_path(scale, variant))
     for old in PRETRAINED.glob(f"{variant}_x{scale}_*_int8.*"):
         old.unlink()
     path, drop = quantize.quantize(model, TRAINING_PHOTOS, PRETRAINED / quantize.int8_name(model), max_drop)
-    print(f"shipped INT8: {path} ({drop:+.4f} dB on held-out training crops)")
+    costs = {}
+    for name in BENCHMARK_SETS:
+        fp32 = evaluate_folder(BENCHMARK / name, scale, model)[-1].psnr
+        int8 = evaluate_folder(BENCHMARK / name, scale, model, backend="openvino", precision="int8")[-1].psnr
+        costs[name] = round(fp32 - int8, 4)
+    quantize.record_benchmark_drop(path, max(costs.values()), ", ".join(f"{k} {v:+.4f}" for k, v in costs.items()))
+    print(json.dumps({"int8": str(path), "scale": scale, "held_out_drop_db": round(drop, 4), "cost_db": costs}))
 
 
 def main() -> None:

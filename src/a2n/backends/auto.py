@@ -4,12 +4,15 @@ The rule: a (backend, precision) may be chosen only if its PSNR against ground t
 MAX_COST_DB below torch fp32's, on a check made from the packaged sample image (its HR, MATLAB
 bicubic LR, PSNR on Y as `a2n evaluate`). Closeness to the fp32 output does not predict that cost:
 an INT8 model 54 dB from fp32 lost 0.45 dB on Set5 at x2, while bf16, about as far, lost 0.02 at
-most. An INT8 file's cost is the larger of that and what it lost on the held-out photos it was
-checked on when made (a2n.backends.quantize). Among the eligible pairs the fastest on a real-sized
+most. An INT8 file's cost is the largest of that, what it lost on the held-out photos it was
+checked on when made, and (shipped files) what it lost on Set5 and Set14 when shipped (a2n.backends.quantize). Among the eligible pairs the fastest on a real-sized
 image wins, timed in interleaved rounds.
 The choice is cached in auto.json per machine, weights and request (backend and precision may each
 be given or left to auto); the tiled path runs at the chosen precision on the backend fastest on
-tiles at that precision (`choose_tiled`), timed apart, since tiles and whole images differ.
+tiles at that precision (`choose_tiled`), timed apart, since tiles and whole images differ. An INT8
+file is a whole-image forward only (its 18 stages are not quantized apart), so where int8 is the
+choice, tiles run at what the same request would choose without int8: bf16 where the CPU has it and
+it passes the rule, fp32 elsewhere.
 """
 
 from __future__ import annotations
@@ -27,9 +30,8 @@ from a2n import A2NError, memory, tiling
 from a2n.backends import forward
 from a2n.backends.cache import cache_dir, machine_key, read_table, weights_key, write_table
 from a2n.backends.export import STAGES_FORMAT
-from a2n.backends.quantize import held_out_drop, int8_file, require_int8
+from a2n.backends.quantize import int8_file, price, require_int8
 from a2n.backends.runtimes import BACKENDS, PRECISIONS, BackendError, Runner, candidates, openvino_precisions
-from a2n.backends.stages import tile_precision
 
 if TYPE_CHECKING:
     import torch
@@ -54,22 +56,25 @@ def check_request(backend: str, precision: str) -> None:
         raise BackendError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
 
 
-def resolve(model: A2N, backend: str, precision: str) -> tuple[str, str]:
-    """The (backend, precision) a request runs on: whatever is auto becomes the cached fastest eligible choice."""
+def resolve(model: A2N, backend: str, precision: str, int8: bool = True) -> tuple[str, str]:
+    """The (backend, precision) a request runs on: whatever is auto becomes the cached fastest eligible choice
+    (int8=False: among the candidates other than int8)."""
     check_request(backend, precision)
     if backend != "auto" and precision != "auto":
         return backend, precision
     made = _choices.setdefault(model, {})
-    if (backend, precision) not in made:
-        made[(backend, precision)] = choose(model, backend, precision)
-    return made[(backend, precision)]
+    if (backend, precision, int8) not in made:
+        made[(backend, precision, int8)] = choose(model, backend, precision, int8)
+    return made[(backend, precision, int8)]
 
 
 def resolve_tiled(model: A2N, backend: str, precision: str) -> tuple[str, str]:
     """The (backend, precision) the tiled path runs on: the whole image's precision, on backend or, for
-    auto, on the backend fastest on tiles at that precision (choose_tiled); int8 tiles run at fp32 (tile_precision)."""
+    auto, on the backend fastest on tiles at that precision (choose_tiled). Where that precision is int8,
+    which has no tiled stages, tiles run at what the request would get without int8 (module docstring)."""
     whole, precision = resolve(model, backend, precision)
-    precision = tile_precision(precision)
+    if precision == "int8":
+        whole, precision = resolve(model, backend, "auto", int8=False)
     if backend != "auto":
         return whole, precision
     made = _tiled_choices.setdefault(model, {})
@@ -86,24 +91,42 @@ def model_candidates(model: A2N) -> list[tuple[str, str]]:
     return found
 
 
-def pairs_for(model: A2N, backend: str, precision: str) -> list[tuple[str, str]]:
+def pairs_for(model: A2N, backend: str, precision: str, int8: bool = True) -> list[tuple[str, str]]:
     """The candidates a request leaves to choose from; a request nothing here runs natively gets its only way."""
-    found = [(b, p) for b, p in model_candidates(model) if backend in ("auto", b) and precision in ("auto", p)]
+    found = [(b, p) for b, p in (model_candidates(model) if int8 else candidates())
+             if backend in ("auto", b) and precision in ("auto", p)]
     if found:
         return found
     default = "openvino" if precision == "int8" else "torch"  # int8 asked where it cannot run: OpenVINO's error says why
     return [(backend if backend != "auto" else default, precision if precision != "auto" else "fp32")]
 
 
-def choose(model: A2N, backend: str = "auto", precision: str = "auto") -> tuple[str, str]:
+def choice_key(model: A2N, backend: str, precision: str, pairs: list[tuple[str, str]]) -> str:
+    """auto.json's key of a whole-image choice: machine, weights, the request, and whether int8 was among the pairs."""
+    return f"{machine_key()}-{weights_key(model)}-{backend}-{precision}" + ("-int8" if ("openvino", "int8") in pairs else "")
+
+
+def choose(model: A2N, backend: str = "auto", precision: str = "auto", int8: bool = True) -> tuple[str, str]:
     """The fastest (backend, precision) for the request that costs at most MAX_COST_DB, measured once and cached."""
-    pairs = pairs_for(model, backend, precision)
+    pairs = pairs_for(model, backend, precision, int8)
     if len(pairs) == 1:  # nothing to choose between (torch alone, or a request that names both)
         return pairs[0]
-    key = f"{machine_key()}-{weights_key(model)}-{backend}-{precision}" + ("-int8" if ("openvino", "int8") in pairs else "")
-    entry = cached_fastest(key, f"{len(pairs)} backends and precisions", lambda: measure(model, pairs),
-                           eligible=lambda r: r["cost_db"] <= MAX_COST_DB)
+    entry = cached_fastest(choice_key(model, backend, precision, pairs), f"{len(pairs)} backends and precisions",
+                           lambda: measure(model, pairs), eligible=lambda r: r["cost_db"] <= MAX_COST_DB)
     return entry["backend"], entry["precision"]
+
+
+def known_tile_precision(model: A2N, backend: str, precision: str) -> str | None:
+    """The precision the tiled path takes for a request whose whole image runs at precision, if known without
+    measuring (resolve_tiled): precision itself, or for int8 the cached choice without int8; None if not measured."""
+    if precision != "int8":
+        return precision
+    if (backend, "auto", False) in _choices.get(model, {}):
+        return _choices[model][(backend, "auto", False)][1]
+    pairs = pairs_for(model, backend, "auto", int8=False)
+    if len(pairs) == 1:
+        return pairs[0][1]
+    return read_table(cache_dir() / "auto.json").get(choice_key(model, backend, "auto", pairs), {}).get("precision")
 
 
 def cached_fastest(key: str, what: str, timings: Callable[[], list[dict]], prefer: str | None = None,
@@ -189,8 +212,8 @@ def measure(model: A2N, pairs: list[tuple[str, str]], size: int | None = None, r
             run(x)
             runs[(backend, precision)] = run
             cost = ref_psnr - psnr_against(hr, out, model.scale)
-            if precision == "int8":  # one photo is a small check: what the file lost on its held-out crops counts too
-                cost = max(cost, held_out_drop(require_int8(model)))
+            if precision == "int8":  # one photo is a small check: what the file was recorded to lose counts too
+                cost = max(cost, price(require_int8(model)))
             rows.append({"backend": backend, "precision": precision, "cost_db": cost, "fidelity_db": fidelity_db(out, ref)})
         except A2NError as exc:
             rows.append({"backend": backend, "precision": precision, "error": str(exc)})

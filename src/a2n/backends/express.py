@@ -22,7 +22,7 @@ from a2n.backends.cache import cache_dir, machine_text, read_table, write_table
 from a2n.backends.export import cached_onnx, stages_folder, stages_ready
 from a2n.backends.runtimes import BackendError, onnxruntime_forward, openvino_forward
 from a2n.backends.quantize import require_int8
-from a2n.backends.stages import ExportedStages, tile_precision
+from a2n.backends.stages import ExportedStages
 
 if TYPE_CHECKING:
     from a2n.io import Picture
@@ -50,11 +50,13 @@ def remember_express(key: str, model: A2N, backend: str, precision: str) -> None
     backend, precision = auto.resolve(model, backend, precision)
     if backend == "torch":
         return
-    tiled = backend_asked if backend_asked != "auto" else auto.known_tiled_choice(model, tile_precision(precision))
+    tiled_precision = auto.known_tile_precision(model, backend_asked, precision)
+    tiled = None if tiled_precision is None else backend_asked if backend_asked != "auto" else \
+        auto.known_tiled_choice(model, tiled_precision)
     forward.runner(model, backend, precision)  # raises here, before anything is recorded, when the pair cannot run
     path = require_int8(model) if precision == "int8" else cached_onnx(model)
     entry = {"backend": backend, "precision": precision, "model": str(path), "stages": str(stages_folder(model)),
-             "tiled": tiled, "threads": torch.get_num_threads()}
+             "tiled": tiled, "tiled_precision": tiled_precision, "threads": torch.get_num_threads()}
     path = cache_dir() / "express.json"
     table = read_table(path)
     if table.get(key) != entry:
@@ -87,11 +89,11 @@ def express_upscaler(key: str, scale: int, slow_path: Callable[[np.ndarray], np.
         h, w = rgb.shape[:2]
         if memory.forward_bytes(h, w, scale, entry["backend"]) <= memory.budget_bytes(max_memory):
             return pixels.from_planes(run(pixels.to_planes(rgb)), rgb.dtype)
-        folder, tiled = Path(entry.get("stages", "")), entry.get("tiled")
-        if tiled not in ("onnxruntime", "openvino") or not stages_ready(folder):
+        folder, tiled, tiled_precision = Path(entry.get("stages", "")), entry.get("tiled"), entry.get("tiled_precision")
+        if tiled not in ("onnxruntime", "openvino") or tiled_precision is None or not stages_ready(folder):
             return slow_path(rgb)
         if not stages:
-            stages.append(ExportedStages(folder, tiled, entry["threads"], tile_precision(entry["precision"])))
+            stages.append(ExportedStages(folder, tiled, entry["threads"], tiled_precision))
         tile = tiling.plan_tile(h, w, scale, stages[0].channels, max_memory, rgb.dtype.itemsize, tiled, whole=False)
         out = np.empty((h * scale, w * scale, 3), dtype=rgb.dtype)
         tiling.run_tiled(stages[0], pixels.to_planes(rgb), out, tile, None)

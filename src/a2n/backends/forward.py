@@ -38,7 +38,7 @@ def runner(model: A2N, backend: str, precision: str) -> Runner:
 
 def stages(model: A2N, backend: str, precision: str) -> TorchStages | ExportedStages:
     """The tiled forward's stages of model on backend at precision (exported to the cache on first use; int8 has
-    none: a2n.backends.stages.tile_precision)."""
+    none: a2n.backends.auto.resolve_tiled says what tiles run at instead)."""
     import torch
 
     made = _stages.setdefault(model, {})

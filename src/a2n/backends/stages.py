@@ -29,12 +29,6 @@ def _summed(y: torch.Tensor) -> np.ndarray:
     return y.sum(dim=(0, 2, 3), dtype=torch.float64).cpu().numpy()
 
 
-def tile_precision(precision: str) -> str:
-    """The precision of the tiled path for a whole-image precision: the same, but fp32 for int8, whose quantized
-    file is the whole-image forward (the 18 stages are not quantized apart)."""
-    return "fp32" if precision == "int8" else precision
-
-
 class TorchStages:
     """The tiled forward's stages on the torch model (on its device) at a precision, one tile at a time."""
 
