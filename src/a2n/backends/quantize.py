@@ -86,7 +86,8 @@ def price(path: Path) -> float:
 
 def record_benchmark_drop(path: Path, drop: float, sets: str) -> None:
     """Write into an INT8 file (in place, xml and bin) what it loses against fp32 on benchmark sets, so that auto
-    prices it at that too: 32 held-out crops can miss a loss that Set5 shows."""
+    prices it at that too: 32 held-out crops can miss a loss that Set5 shows. The copy quantize filed in the
+    cache folder, which int8_file finds first, is replaced by the updated file."""
     import shutil
     import tempfile
 
@@ -99,6 +100,10 @@ def record_benchmark_drop(path: Path, drop: float, sets: str) -> None:
         del model
         for suffix in (".bin", ".xml"):
             shutil.move(str((Path(tmp) / path.name).with_suffix(suffix)), str(path.with_suffix(suffix)))
+    cached = cache_dir() / path.name
+    if cached.is_file() and cached.resolve() != path.resolve():
+        for suffix in (".xml", ".bin"):
+            shutil.copy(path.with_suffix(suffix), cached.with_suffix(suffix))
 
 
 def crops(files: list[Path], scale: int, side: int, count: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
