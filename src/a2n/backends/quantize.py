@@ -64,14 +64,22 @@ def require_int8(model: A2N) -> Path:
     return path
 
 
-def recorded_drop(path: Path, key: str) -> float:
-    """A loss in dB written into an INT8 file: held_out_drop_db (its held-out calibration crops, when made by
-    quantize) or benchmark_drop_db (Set5 and Set14, when shipped: record_benchmark_drop); 0 if unrecorded."""
+def recorded_drops(path: Path, *keys: str) -> list[float]:
+    """Losses in dB written into an INT8 file, read once: held_out_drop_db (its held-out calibration crops, when
+    made by quantize) or benchmark_drop_db (Set5 and Set14, when shipped: record_benchmark_drop); 0 if unrecorded."""
     info = openvino_core().read_model(str(path)).get_rt_info()
-    try:
-        return float(info["a2n"][key].astype(str))
-    except (KeyError, RuntimeError, ValueError):
-        return 0.0
+    drops = []
+    for key in keys:
+        try:
+            drops.append(float(info["a2n"][key].astype(str)))
+        except (KeyError, RuntimeError, ValueError):
+            drops.append(0.0)
+    return drops
+
+
+def recorded_drop(path: Path, key: str) -> float:
+    """One loss written into an INT8 file (recorded_drops)."""
+    return recorded_drops(path, key)[0]
 
 
 def held_out_drop(path: Path) -> float:
@@ -81,7 +89,7 @@ def held_out_drop(path: Path) -> float:
 
 def price(path: Path) -> float:
     """The most an INT8 file is recorded to lose: on its held-out crops, or on the benchmark sets where measured."""
-    return max(held_out_drop(path), recorded_drop(path, "benchmark_drop_db"))
+    return max(recorded_drops(path, "held_out_drop_db", "benchmark_drop_db"))
 
 
 def record_benchmark_drop(path: Path, drop: float, sets: str) -> None:
