@@ -1,8 +1,9 @@
-"""Training throughput: our training step vs a plain fp32 NCHW eager loop of the same model.
+"""Training throughput: our training step in fp32 and bf16 vs a plain fp32 NCHW eager loop of the same model.
 
-Both run in this process on the same patches, alternating rounds so that load from other
-processes hits both alike. Prints patches/s for each and their ratio; with --compile a third row
-times the same step under torch.compile (`compile: true` in a config) and prints its compile time.
+All run in this process on the same patches, alternating rounds so that load from other
+processes hits them alike. Prints patches/s for each and their ratio to the plain loop; the bf16
+row only where the CPU has native bf16 (which `precision: auto` then times against fp32, as here).
+With --compile one more row times the step under torch.compile (`compile: true`).
 
     python bench/train_throughput.py [--scale 4] [--batch 16] [--patch 48] [--rounds 3] [--steps 3] [--compile]
 """
@@ -34,61 +35,59 @@ def main() -> None:
     lr = torch.rand(args.batch, 3, args.patch, args.patch)
     hr = torch.rand(args.batch, 3, args.patch * args.scale, args.patch * args.scale)
 
-    plain = A2N(args.scale)
-    plain_opt = torch.optim.Adam(plain.parameters(), 1e-4)
-
-    def plain_step() -> None:
-        plain_opt.zero_grad(set_to_none=True)
-        F.l1_loss(plain(lr), hr).backward()
-        plain_opt.step()
-
-    ours = A2N(args.scale).to(memory_format=torch.channels_last)
-    ours_opt = torch.optim.Adam(ours.parameters(), 1e-4)
-    amp = autocast_dtype("auto", torch.device("cpu"))
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
     lr_cl, hr_cl = lr.contiguous(memory_format=torch.channels_last), hr.contiguous(memory_format=torch.channels_last)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
 
-    def our_step() -> None:
-        ours_opt.zero_grad(set_to_none=True)
-        forward_backward(ours, lr_cl, hr_cl, amp, scaler)
-        ours_opt.step()
+    def make_step(memory_format: torch.memory_format, amp: torch.dtype | None, compiled: bool = False):
+        """One Adam step of a fresh A2N in this layout and precision (our training step's code when channels_last)."""
+        model = A2N(args.scale).to(memory_format=memory_format)
+        opt = torch.optim.Adam(model.parameters(), 1e-4)
+        call = torch.compile(model) if compiled else model
+        x, y = (lr_cl, hr_cl) if memory_format == torch.channels_last else (lr, hr)
 
-    times = {"plain fp32 NCHW eager": 0.0, f"a2n train step ({'bf16' if amp else 'fp32'} autocast, channels_last)": 0.0}
-    steps = {"plain": plain_step, "ours": our_step}
-    plain_step(), our_step()  # warm-up
+        def step() -> None:
+            opt.zero_grad(set_to_none=True)
+            if memory_format == torch.channels_last:
+                forward_backward(call, x, y, amp, scaler)
+            else:
+                F.l1_loss(call(x), y).backward()
+            opt.step()
+
+        return step
+
+    auto = autocast_dtype("auto", torch.device("cpu"))  # bf16 where native: the candidate `precision: auto` times
+    steps = {"plain fp32 NCHW eager": make_step(torch.contiguous_format, None),
+             "a2n train step, fp32, channels_last": make_step(torch.channels_last, None)}
+    if auto is not None:
+        steps["a2n train step, bf16 autocast, channels_last"] = make_step(torch.channels_last, auto)
+    for fn in steps.values():
+        fn()  # warm-up
+    compile_seconds = 0.0
     if args.compile:
-        compiled = A2N(args.scale).to(memory_format=torch.channels_last)
-        compiled.load_state_dict(ours.state_dict())
-        compiled_opt = torch.optim.Adam(compiled.parameters(), 1e-4)
-        compiled_fn = torch.compile(compiled)
-
-        def compiled_step() -> None:
-            compiled_opt.zero_grad(set_to_none=True)
-            forward_backward(compiled_fn, lr_cl, hr_cl, amp, scaler)
-            compiled_opt.step()
-
+        compiled = make_step(torch.channels_last, auto, compiled=True)
         start = time.perf_counter()
-        compiled_step()
+        compiled()
         compile_seconds = time.perf_counter() - start
-        times["the same step under torch.compile"] = 0.0
-        steps["compiled"] = compiled_step
+        steps[f"the {'bf16' if auto else 'fp32'} step under torch.compile"] = compiled
+    times = dict.fromkeys(steps, 0.0)
     for _ in range(args.rounds):
-        for key, fn in zip(times, steps.values()):
+        for key, fn in steps.items():
             start = time.perf_counter()
             for _ in range(args.steps):
                 fn()
             times[key] += time.perf_counter() - start
     n = args.rounds * args.steps * args.batch
     rates = {k: n / t for k, t in times.items()}
+    base = rates["plain fp32 NCHW eager"]
     print(f"x{args.scale}, batch {args.batch}, LR patch {args.patch}, {torch.get_num_threads()} threads, "
-          f"CPU native bf16: {native_bf16()}")
+          f"CPU native bf16: {native_bf16()}" + ("" if auto else " (no bf16 row: torch would emulate it, ~100x slower)"))
     for k, r in rates.items():
-        print(f"{k:<55} {r:7.2f} patches/s")
-    base, mine = list(rates.values())[:2]
-    print(f"ratio: {mine / base:.2f}x")
+        print(f"{k:<50} {r:7.2f} patches/s  {r / base:5.2f}x")
+    if auto is not None:
+        fp32, bf16 = rates["a2n train step, fp32, channels_last"], rates["a2n train step, bf16 autocast, channels_last"]
+        print(f"bf16 / fp32: {bf16 / fp32:.2f}x: `precision: auto` would train in {'bf16' if bf16 > fp32 else 'fp32'} here")
     if args.compile:
-        print(f"torch.compile: {rates['the same step under torch.compile'] / mine:.2f}x our eager step, "
-              f"after a first step of {compile_seconds:.0f} s (compiling)")
+        print(f"torch.compile took {compile_seconds:.0f} s for its first step (compiling)")
 
 
 if __name__ == "__main__":

@@ -340,8 +340,8 @@ def budget_config(tmp_path: Path, seconds: float, **extra) -> dict:
                        log_every=1, save_every=1000, **extra)
 
 
-def train_records(run: Path) -> list[dict]:
-    return [r for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+def train_records(run: Path, kind: str = "train") -> list[dict]:
+    return [r for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if r["kind"] == kind]
 
 
 def assert_lr_follows_the_clock(records: list[dict], cfg, since: float = 0.0) -> None:
@@ -459,3 +459,23 @@ def test_gpu_recipe_runs_on_cpu_with_a_tiny_config(tmp_path: Path, capsys: pytes
     assert torch.load(run / "last.pt", weights_only=True)["config"]["time_budget_hours"] == pytest.approx(0.05 / 60)
     assert script.main(["--device", "cpu", "--minutes", "1", "val_dir=null"]) == 2
     assert "val_dir is null" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("native", ["1", "0"])
+def test_precision_auto_is_timed_where_bf16_is_native_and_kept_on_resume(tmp_path: Path, monkeypatch, native: str) -> None:
+    """Native bf16 is no promise of speed (0.7x fp32 on a Xeon without AMX): auto times both and takes the faster,
+    logs the figures, records its choice in last.pt, and a resumed run takes the recorded choice without timing."""
+    monkeypatch.setenv("A2N_NATIVE_BF16", native)  # the logic of either kind of CPU, on this one
+    cfg = base_config(tmp_path, precision="auto", iterations=3, workers=0)
+    train(config_from_dict(cfg))
+    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    timed = train_records(tmp_path / "run", kind="precision")
+    if native == "0":
+        assert timed == [] and ckpt["amp"] == "fp32"
+    else:
+        assert len(timed) == 1 and timed[0]["fp32"] > 0 and timed[0]["bf16"] > 0
+        assert timed[0]["chosen"] == max(("fp32", "bf16"), key=lambda k: timed[0][k]) == ckpt["amp"]
+    cfg["iterations"] = 5
+    summary = train(config_from_dict(cfg), resume=True)
+    assert summary["step"] == 5 and torch.load(tmp_path / "run" / "last.pt", weights_only=True)["amp"] == ckpt["amp"]
+    assert len(train_records(tmp_path / "run", kind="precision")) == len(timed)
