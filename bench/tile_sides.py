@@ -4,7 +4,7 @@ One process, interleaved rounds (the order flips each round), so that the machin
 side alike; each round divides the whole-image forward's seconds by the tiled run's. Every stage
 keeps all its compiled shapes here, so no round pays OpenVINO's compile. Prints a Markdown table.
 
-    python bench/tile_sides.py [--backend openvino] [--scale 2] [--size 768x1024] [--rounds 5] [--tiles 128,256,384]
+    python bench/tile_sides.py [--backend openvino] [--precision bf16] [--scale 2] [--size 768x1024] [--rounds 5] [--tiles 128,256,384]
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from a2n import backends, inference  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", default="openvino", choices=("torch", "onnxruntime", "openvino"))
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="of the whole image and of the tiles")
     parser.add_argument("--scale", type=int, default=2)
     parser.add_argument("--size", default="768x1024", help="input HEIGHTxWIDTH")
     parser.add_argument("--rounds", type=int, default=5)
@@ -38,13 +39,13 @@ def main() -> None:
     model, origin = model_for(args.scale)
     x = natural_input(h, w)
     out = np.empty((h * args.scale, w * args.scale, 3), np.float32)
-    whole = backends.get_runner(model, args.backend, "fp32")
+    whole = backends.get_runner(model, args.backend, args.precision)
 
     def run_whole() -> None:
         with torch.inference_mode():
             whole(x)
 
-    jobs = {t: (lambda t=t: inference.forward_tiled(model, x, out, t, False, args.backend)) for t in sides}
+    jobs = {t: (lambda t=t: inference.forward_tiled(model, x, out, t, False, args.backend, args.precision)) for t in sides}
     jobs[0] = run_whole
     for job in jobs.values():  # compile and warm up every shape first
         job()
@@ -55,7 +56,7 @@ def main() -> None:
             jobs[k]()
             seconds[k].append(time.perf_counter() - start)
         print(f"round {r}: " + ", ".join(f"{'whole' if k == 0 else f'tile {k}'} {v[-1]:.2f} s" for k, v in seconds.items()), flush=True)
-    print(f"\n{args.backend}, {w}x{h} input at x{args.scale}, weights: {origin}, {torch.get_num_threads()} threads, "
+    print(f"\n{args.backend} {args.precision}, {w}x{h} input at x{args.scale}, weights: {origin}, {torch.get_num_threads()} threads, "
           f"{args.rounds} rounds; rate against the same image whole, median (range):\n")
     print("| tile side | seconds (median) | vs the same image whole |\n| ---: | ---: | ---: |")
     for t in sides:
