@@ -463,7 +463,7 @@ def test_gpu_recipe_runs_on_cpu_with_a_tiny_config(tmp_path: Path, capsys: pytes
 
 @pytest.mark.parametrize("native", ["1", "0"])
 def test_precision_auto_is_timed_where_bf16_is_native_and_kept_on_resume(tmp_path: Path, monkeypatch, native: str) -> None:
-    """Native bf16 is no promise of speed (0.7x fp32 on a Xeon without AMX): auto times both and takes the faster,
+    """Native bf16 is no promise of speed (0.75-0.8x fp32 on a Xeon without AMX): auto times both and takes the faster,
     logs the figures, records its choice in last.pt, and a resumed run takes the recorded choice without timing."""
     monkeypatch.setenv("A2N_NATIVE_BF16", native)  # the logic of either kind of CPU, on this one
     cfg = base_config(tmp_path, precision="auto", iterations=3, workers=0)

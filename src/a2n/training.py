@@ -211,7 +211,7 @@ def time_precisions(run: Run, steps: int = 2) -> dict[str, float]:
     """Patches/s of this run's forward/backward in fp32 and in bf16 autocast, on a batch of noise.
 
     Native bf16 is no promise of speed: bf16 autocast trains 1.8x faster than fp32 on a Zen 5 EPYC
-    but 0.7x on a Xeon with AVX512-BF16 and no AMX. Each process times its own share of a batch at
+    but 0.75-0.8x on a Xeon with AVX512-BF16 and no AMX. Each process times its own share of a batch at
     the first scale (under torchrun all at once, as they will train, and the figures are summed so
     that every process decides alike). The noise comes from a private generator and the gradients
     are dropped, so the run's RNG and weights are as they were.
