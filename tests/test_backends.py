@@ -170,6 +170,22 @@ def test_auto_never_picks_a_precision_that_costs_quality(model: A2N, monkeypatch
     assert auto.choose(A2N(2).eval()) == ("openvino", "fp32")  # other weights: measured again, bf16 now too costly
 
 
+def test_a_precision_that_runs_as_fp32_is_not_a_choice(model: A2N, monkeypatch: pytest.MonkeyPatch) -> None:
+    """OpenVINO takes the fp16 hint on a CPU with AVX512-FP16 and no AMX-FP16 and computes fp32: auto's measure
+    finds the output equal to the backend's fp32 output, does not time it, and the choice is labelled fp32."""
+    real = auto.forward.runner
+
+    def runner(m: A2N, backend: str, precision: str):
+        return real(m, backend, "fp32" if precision == "fp16" else precision)  # what that CPU does with the hint
+
+    monkeypatch.setattr(auto.forward, "runner", runner)
+    rows = auto.measure(model, [("torch", "fp32"), ("torch", "fp16"), ("openvino", "fp32"), ("openvino", "fp16")], size=32)
+    same = [r for r in rows if r["precision"] == "fp16"]
+    assert same == [{"backend": "torch", "precision": "fp16", "runs_as": "fp32"},
+                    {"backend": "openvino", "precision": "fp16", "runs_as": "fp32"}]
+    assert all(r["seconds"] > 0 and r["cost_db"] == 0 for r in rows if r["precision"] == "fp32")
+
+
 def test_the_check_auto_runs_prices_bf16_on_the_shipped_weights() -> None:
     """The check auto runs, on the shipped weights (bf16 is emulated by torch where the CPU lacks it, slowly but
     exactly): bf16 costs a few hundredths of a dB at most, near the 0.02 dB line at x2 and well within it at x4

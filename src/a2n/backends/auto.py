@@ -204,11 +204,16 @@ def measure(model: A2N, pairs: list[tuple[str, str]], size: int | None = None, r
     x = probe_image(size or PROBE_SIZE)
     ref = forward.runner(model, "torch", "fp32")(lr)
     ref_psnr = psnr_against(hr, ref, model.scale)
-    rows, runs = [], {}
+    rows, runs, outs = [], {}, {}
     for backend, precision in pairs:
         try:
             run = forward.runner(model, backend, precision)
-            out = run(lr)
+            out = outs[(backend, precision)] = run(lr)
+            if precision != "fp32" and (backend, "fp32") in outs and fidelity_db(out, outs[(backend, "fp32")]) == math.inf:
+                # the runtime took the precision hint and ran fp32 (OpenVINO's fp16 on a CPU with AVX512-FP16 but
+                # no AMX-FP16): not a choice of its own, and a label that would tell the user what did not happen
+                rows.append({"backend": backend, "precision": precision, "runs_as": "fp32"})
+                continue
             run(x)
             runs[(backend, precision)] = run
             cost = ref_psnr - psnr_against(hr, out, model.scale)
