@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from infer import model_for, natural_input  # noqa: E402
 
 from a2n import backends, inference  # noqa: E402
+from a2n.backends import runtimes  # noqa: E402
 
 
 def main() -> None:
@@ -35,7 +36,7 @@ def main() -> None:
     args = parser.parse_args()
     h, w = (int(v) for v in args.size.split("x"))
     sides = [int(t) for t in args.tiles.split(",")]
-    backends.OpenVINOStage.KEEP_SHAPES = len(sides) + 1  # cycling through more sides than it keeps would time compiles
+    runtimes.OpenVINOStage.KEEP_SHAPES = len(sides) + 1  # cycling through more sides than it keeps would time compiles
     model, origin = model_for(args.scale)
     x = natural_input(h, w)
     out = np.empty((h * args.scale, w * args.scale, 3), np.float32)
