@@ -340,7 +340,8 @@ def budget_config(tmp_path: Path, seconds: float, **extra) -> dict:
                        log_every=1, save_every=1000, **extra)
 
 
-def train_records(run: Path, kind: str = "train") -> list[dict]:
+def log_records(run: Path, kind: str = "train") -> list[dict]:
+    """The records of one kind in a run's log.jsonl."""
     return [r for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if r["kind"] == kind]
 
 
@@ -371,7 +372,7 @@ def test_time_budget_ends_on_time_with_best_and_last_files(tmp_path: Path) -> No
     assert 5.0 <= ckpt["elapsed"] < 5.0 + 10, ckpt["elapsed"]  # one step, a validation and the saves past it, on a loaded CPU
     for name in ("best.pt", "best.safetensors", "last.safetensors", "config.yaml"):
         assert (run / name).is_file(), name
-    records = train_records(run)
+    records = log_records(run)
     assert [r["step"] for r in records] == list(range(1, summary["step"] + 1))
     assert_lr_follows_the_clock(records, cfg)
     longest = max(b["time"] - a["time"] for a, b in zip(records, records[1:]))  # a step, with a validation at times
@@ -403,7 +404,7 @@ def test_time_budget_resume_restores_elapsed_time(tmp_path: Path) -> None:
     assert cut["step"] == first["step"] and 0 < cut["elapsed"] < 8.0
     second = train(cfg, resume=True)
     assert second["status"] == "finished" and second["step"] > cut["step"]
-    after = [r for r in train_records(tmp_path / "run") if r["step"] > cut["step"]]
+    after = [r for r in log_records(tmp_path / "run") if r["step"] > cut["step"]]
     assert after[0]["step"] == cut["step"] + 1 and after[0]["time"] >= cut["elapsed"] - 0.05
     assert_lr_follows_the_clock(after, cfg, since=cut["elapsed"])
     end = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
@@ -469,7 +470,7 @@ def test_precision_auto_is_timed_where_bf16_is_native_and_kept_on_resume(tmp_pat
     cfg = base_config(tmp_path, precision="auto", iterations=3, workers=0)
     train(config_from_dict(cfg))
     ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
-    timed = train_records(tmp_path / "run", kind="precision")
+    timed = log_records(tmp_path / "run", kind="precision")
     if native == "0":
         assert timed == [] and ckpt["amp"] == "fp32"
     else:
@@ -478,4 +479,4 @@ def test_precision_auto_is_timed_where_bf16_is_native_and_kept_on_resume(tmp_pat
     cfg["iterations"] = 5
     summary = train(config_from_dict(cfg), resume=True)
     assert summary["step"] == 5 and torch.load(tmp_path / "run" / "last.pt", weights_only=True)["amp"] == ckpt["amp"]
-    assert len(train_records(tmp_path / "run", kind="precision")) == len(timed)
+    assert len(log_records(tmp_path / "run", kind="precision")) == len(timed)
