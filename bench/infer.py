@@ -7,7 +7,7 @@ is measured by bench/startup.py.
 With --big, big images instead (a 2000x1500 input at x2, a 1000x1000 input at x4, under
 --max-memory 4 so that both tile): the official forward with its quadrant chop, and our exact
 tiled path on each backend, each against the whole-image auto rate per output pixel measured
-just before it (auto's tiled choice --rounds times, median). Written as `## Big images`; the
+just before it (auto's tiled choice --rounds times, median), and the INT8 stages where shipped. Written as `## Big images`; the
 tile side is weighed by bench/tile_sides.py.
 
     python bench/infer.py --threads 2 [--big [--rounds 3]]
@@ -30,7 +30,7 @@ from official_a2n import AAN, forward_chop  # noqa: E402
 
 from a2n import backends, inference, tiling  # noqa: E402
 from a2n import A2NError  # noqa: E402
-from a2n.backends import auto as auto_choice, cpu, fidelity_db, get_runner  # noqa: E402
+from a2n.backends import auto as auto_choice, cpu, fidelity_db, get_runner, quantize  # noqa: E402
 from a2n.model import A2N, count_macs  # noqa: E402
 from a2n.weights import build_model, shipped_weights_path  # noqa: E402
 
@@ -245,6 +245,16 @@ def big_images(args: argparse.Namespace) -> str:
                 print(f"{name}, tiled {backend}: {seconds:.1f} s, {ratios[-1]:.2f}x" + (f", {same[-1]:.2f}x the same image whole" if same else ""), flush=True)
             label = f"tiled, {backend} {precision}" + (f" (auto's choice for tiles; median of {len(times)})" if backend == auto_tiled else "")
             rows.append((label, tile, times, ratios, out, same))
+        stages = quantize.int8_stages(model)
+        if precision != "int8" and stages is not None and ("openvino", "fp32") in auto_choice.candidates():
+            tile, whole_int8 = inference.plan_tile(h, w, model, BIG_MEMORY, 1, "openvino"), get_runner(model, "openvino", "int8")
+            rate = ref_rate()
+            seconds, out = tiled_seconds(model, x, "openvino", tile, "int8")
+            with torch.inference_mode():
+                same = [_seconds(lambda: whole_int8(x)) / seconds]
+            rows.append((f"tiled, openvino int8 on the INT8 stages (asked by name; vs the same image whole: the INT8 file; "
+                         f"recorded cost {quantize.stages_price(stages):.3f} dB)", tile, [seconds], [out_pixels / seconds / rate], out, same))
+            print(f"{name}, tiled openvino int8: {seconds:.1f} s, {same[0]:.2f}x the same image whole in INT8", flush=True)
         exact = next(r[4] for r in rows if "torch" in r[0] and "tiled" in r[0])  # equals the whole-image forward (tests)
         for label, tile, times, ratios, out, same in rows:
             seconds, ratio = float(np.median(times)), float(np.median(ratios))

@@ -4,7 +4,7 @@ One process, interleaved rounds (the order flips each round), so that the machin
 side alike; each round divides the whole-image forward's seconds by the tiled run's. Every stage
 keeps all its compiled shapes here, so no round pays OpenVINO's compile. Prints a Markdown table.
 
-    python bench/tile_sides.py [--backend openvino] [--precision bf16] [--scale 2] [--size 768x1024] [--rounds 5] [--tiles 128,256,384]
+    python bench/tile_sides.py [--backend openvino] [--precision bf16|int8] [--scale 2] [--size 768x1024] [--rounds 5] [--tiles 128,256,384]
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from a2n.backends import runtimes  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", default="openvino", choices=("torch", "onnxruntime", "openvino"))
-    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="of the whole image and of the tiles")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "int8"),
+                        help="of the whole image and of the tiles (int8: the INT8 file whole, the INT8 stages tiled; openvino)")
     parser.add_argument("--scale", type=int, default=2)
     parser.add_argument("--size", default="768x1024", help="input HEIGHTxWIDTH")
     parser.add_argument("--rounds", type=int, default=5)

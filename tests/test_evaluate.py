@@ -81,3 +81,14 @@ def test_shipped_weights_have_live_adms(scale: int) -> None:
     state = branch_weights(model, load_pairs(need(BENCHMARK / "Set5"), scale))
     assert model.pixel_range == 255.0
     assert not state["inert"] and state["pi_attn_std"] >= 0.03, state["pi_attn_std"]
+
+
+def test_evaluate_in_tiles_reports_what_the_tiled_path_costs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`a2n evaluate --tile N` scores the tiled path (images too big for one forward) and prints its cost against the
+    whole fp32 image: none at fp32, where tiles equal the whole image within 1e-4."""
+    data = need(BENCHMARK / "Set5")
+    out = tmp_path / "r.json"
+    assert main(["evaluate", "--data", str(data), "--scale", "4", "--tile", "40", "--json", str(out)]) == 0
+    assert "Set5 x4: torch fp32 in tiles of 40 costs" in capsys.readouterr().out
+    (cost,) = json.loads(out.read_text())["costs"]
+    assert cost["tile"] == 40 and abs(cost["cost_db"]) < 1e-3, cost

@@ -83,15 +83,16 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     results, costs = [], []
     for d in args.data:
         scored = evaluate_folder(d, args.scale, model, save_images=args.save_images, backend=args.backend, precision=args.precision,
-                                 ensemble=args.ensemble)
+                                 ensemble=args.ensemble, tile=args.tile)
         results += scored
-        if model is not None and (args.backend, args.precision) != ("torch", "fp32"):  # what the faster path costs
+        if model is not None and ((args.backend, args.precision) != ("torch", "fp32") or args.tile):  # what the faster path costs
             reference = evaluate_folder(d, args.scale, model, ensemble=args.ensemble)[-1]
             costs.append({"dataset": reference.dataset, "scale": args.scale, "backend": args.backend, "precision": args.precision,
-                          "psnr": scored[-1].psnr, "fp32_psnr": reference.psnr, "cost_db": reference.psnr - scored[-1].psnr})
+                          "tile": args.tile, "psnr": scored[-1].psnr, "fp32_psnr": reference.psnr, "cost_db": reference.psnr - scored[-1].psnr})
     print(format_table(results))
     for c in costs:
-        print(f"{c['dataset']} x{c['scale']}: {c['backend']} {c['precision']} costs {c['cost_db']:+.4f} dB PSNR against "
+        tiles = f" in tiles of {c['tile']}" if c["tile"] else ""
+        print(f"{c['dataset']} x{c['scale']}: {c['backend']} {c['precision']}{tiles} costs {c['cost_db']:+.4f} dB PSNR against "
               f"torch fp32 ({c['psnr']:.4f} vs {c['fp32_psnr']:.4f})")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -524,6 +525,8 @@ def build_parser() -> Parser:
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
     p.add_argument("--save-images", metavar="DIR", help="write the super-resolved images here")
     p.add_argument("--bicubic-only", action="store_true", help="score only the bicubic baseline")
+    p.add_argument("--tile", type=int, metavar="N", help="run the model in tiles of N LR pixels (the path of images too big for "
+                   "one forward): exact at fp32, and its cost against the whole fp32 image is printed")
     _add_backend_options(p)
     _add_ensemble_option(p, "the row is labelled a2n+")
     p.set_defaults(func=cmd_evaluate)

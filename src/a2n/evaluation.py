@@ -88,8 +88,10 @@ def evaluate_folder(
     backend: str = "torch",
     precision: str = "fp32",
     ensemble: bool = False,
+    tile: int | None = None,
 ) -> list[DatasetResult]:
-    """Score the bicubic baseline and, when given, the model (on backend at precision; ensemble: A2N+, method a2n+) on one benchmark folder."""
+    """Score the bicubic baseline and, when given, the model (on backend at precision; ensemble: A2N+, method a2n+;
+    tile: through the tiled path in tiles of that many LR pixels) on one benchmark folder."""
     data_dir = Path(data_dir)
     name = data_dir.resolve().name
     methods = ["bicubic"] + ([ENSEMBLE_METHOD if ensemble else "a2n"] if model is not None else [])
@@ -97,7 +99,7 @@ def evaluate_folder(
     for image_name, hr, lr in benchmark_pairs(data_dir, scale):
         for method in methods:
             start = time.perf_counter()
-            sr = imresize(lr, float(scale)) if method == "bicubic" else upscale_array(model, lr, backend=backend, precision=precision,
+            sr = imresize(lr, float(scale)) if method == "bicubic" else upscale_array(model, lr, tile, backend=backend, precision=precision,
                                                                                       ensemble=ensemble)
             results[method].seconds += time.perf_counter() - start
             if save_images is not None:

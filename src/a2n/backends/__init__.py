@@ -8,7 +8,7 @@ each block, tail) are exported the same way and run on the same runtime at the s
 truth is at most 0.02 dB (a2n.backends.auto says how that is measured), once per machine and weights.
 
 The modules, each one concern: cpu (what the CPU computes natively), runtimes (the three
-runtimes), export (ONNX/OpenVINO files), quantize (INT8 files for OpenVINO), stages (the tiled
+runtimes), export (ONNX/OpenVINO files), quantize (INT8 files and tiled stages for OpenVINO), stages (the tiled
 path's stages), forward (a model's forward on one backend and precision), auto (the choice),
 express (runs that skip importing torch), cache (the cache folder). This module holds the entry points the rest of a2n uses.
 """

@@ -9,10 +9,10 @@ checked on when made, and (shipped files) what it lost on Set5 and Set14 when sh
 image wins, timed in interleaved rounds.
 The choice is cached in auto.json per machine, weights and request (backend and precision may each
 be given or left to auto); the tiled path runs at the chosen precision on the backend fastest on
-tiles at that precision (`choose_tiled`), timed apart, since tiles and whole images differ. An INT8
-file is a whole-image forward only (its 18 stages are not quantized apart), so where int8 is the
-choice, tiles run at what the same request would choose without int8: bf16 where the CPU has it and
-it passes the rule, fp32 elsewhere.
+tiles at that precision (`choose_tiled`), timed apart, since tiles and whole images differ. Where int8
+is the choice, tiles run on the model's INT8 stages (quantized with its INT8 file, a2n.backends.quantize)
+if their own recorded cost passes the rule (asked for by name: if they exist), and otherwise at what the
+same request would choose without int8: bf16 where the CPU has it and it passes the rule, fp32 elsewhere.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from a2n import A2NError, memory, tiling
 from a2n.backends import forward
 from a2n.backends.cache import cache_dir, machine_key, read_table, weights_key, write_table
 from a2n.backends.export import STAGES_FORMAT
-from a2n.backends.quantize import int8_file, price, require_int8
+from a2n.backends.quantize import int8_file, int8_stages, price, require_int8, stages_price
 from a2n.backends.runtimes import BACKENDS, PRECISIONS, BackendError, Runner, candidates, openvino_precisions
 
 if TYPE_CHECKING:
@@ -71,9 +71,12 @@ def resolve(model: A2N, backend: str, precision: str, int8: bool = True) -> tupl
 def resolve_tiled(model: A2N, backend: str, precision: str) -> tuple[str, str]:
     """The (backend, precision) the tiled path runs on: the whole image's precision, on backend or, for
     auto, on the backend fastest on tiles at that precision (choose_tiled). Where that precision is int8,
-    which has no tiled stages, tiles run at what the request would get without int8 (module docstring)."""
+    tiles run on the INT8 stages where int8_tiles allows, else at what the request would get without int8."""
+    asked = precision
     whole, precision = resolve(model, backend, precision)
     if precision == "int8":
+        if backend in ("auto", "openvino") and int8_tiles(model, asked == "int8"):
+            return "openvino", "int8"
         whole, precision = resolve(model, backend, "auto", int8=False)
     if backend != "auto":
         return whole, precision
@@ -81,6 +84,13 @@ def resolve_tiled(model: A2N, backend: str, precision: str) -> tuple[str, str]:
     if precision not in made:
         made[precision] = choose_tiled(model, precision, prefer=whole)
     return made[precision], precision
+
+
+def int8_tiles(model: A2N, asked: bool) -> bool:
+    """Whether tiles of an image that runs in int8 run on the model's INT8 stages: where they exist and, unless int8
+    was asked for by name, cost at most MAX_COST_DB (their recorded held-out and benchmark loss)."""
+    folder = int8_stages(model)
+    return folder is not None and (asked or stages_price(folder) <= MAX_COST_DB)
 
 
 def model_candidates(model: A2N) -> list[tuple[str, str]]:
@@ -116,11 +126,14 @@ def choose(model: A2N, backend: str = "auto", precision: str = "auto", int8: boo
     return entry["backend"], entry["precision"]
 
 
-def known_tile_precision(model: A2N, backend: str, precision: str) -> str | None:
-    """The precision the tiled path takes for a request whose whole image runs at precision, if known without
-    measuring (resolve_tiled): precision itself, or for int8 the cached choice without int8; None if not measured."""
+def known_tile_precision(model: A2N, backend: str, precision: str, asked: str | None = None) -> str | None:
+    """The precision the tiled path takes for a request (backend, asked) whose whole image runs at precision, if
+    known without measuring (resolve_tiled): precision itself, int8 on INT8 stages, or for int8 the cached choice
+    without int8; None if not measured."""
     if precision != "int8":
         return precision
+    if backend in ("auto", "openvino") and int8_tiles(model, (asked or precision) == "int8"):
+        return "int8"
     if (backend, "auto", False) in _choices.get(model, {}):
         return _choices[model][(backend, "auto", False)][1]
     pairs = pairs_for(model, backend, "auto", int8=False)
@@ -292,7 +305,9 @@ def choose_tiled(model: A2N, precision: str = "fp32", prefer: str | None = None)
 
 
 def known_tiled_choice(model: A2N, precision: str) -> str | None:
-    """auto's backend for the tiled path at precision if it was measured already (never measures)."""
+    """auto's backend for the tiled path at precision if it was measured already (never measures); int8 tiles are OpenVINO's."""
+    if precision == "int8":
+        return "openvino"
     if precision in _tiled_choices.get(model, {}):
         return _tiled_choices[model][precision]
     names = [b for b, p in candidates() if p == precision] or ["torch"]

@@ -19,7 +19,7 @@ import numpy as np
 from a2n import memory, pixels, tiling
 from a2n.backends import auto, forward
 from a2n.backends.cache import cache_dir, machine_text, read_table, write_table
-from a2n.backends.export import cached_onnx, stages_folder, stages_ready
+from a2n.backends.export import cached_onnx, stages_ready
 from a2n.backends.runtimes import BackendError, onnxruntime_forward, openvino_forward
 from a2n.backends.quantize import require_int8
 from a2n.backends.stages import ExportedStages
@@ -46,16 +46,16 @@ def remember_express(key: str, model: A2N, backend: str, precision: str) -> None
     """
     import torch
 
-    backend_asked = backend
+    backend_asked, precision_asked = backend, precision
     backend, precision = auto.resolve(model, backend, precision)
     if backend == "torch":
         return
-    tiled_precision = auto.known_tile_precision(model, backend_asked, precision)
+    tiled_precision = auto.known_tile_precision(model, backend_asked, precision, precision_asked)
     tiled = None if tiled_precision is None else backend_asked if backend_asked != "auto" else \
         auto.known_tiled_choice(model, tiled_precision)
     forward.runner(model, backend, precision)  # raises here, before anything is recorded, when the pair cannot run
     path = require_int8(model) if precision == "int8" else cached_onnx(model)
-    entry = {"backend": backend, "precision": precision, "model": str(path), "stages": str(stages_folder(model)),
+    entry = {"backend": backend, "precision": precision, "model": str(path), "stages": str(forward.stages_path(model, tiled_precision or "fp32")),
              "tiled": tiled, "tiled_precision": tiled_precision, "threads": torch.get_num_threads()}
     path = cache_dir() / "express.json"
     table = read_table(path)

@@ -6,10 +6,11 @@ Nothing here chooses: `auto` is resolved first (a2n.backends.auto), and these ta
 from __future__ import annotations
 
 import weakref
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from a2n.backends.export import cached_onnx, export_stages, stages_folder, stages_ready
-from a2n.backends.quantize import require_int8
+from a2n.backends.quantize import int8_stages, require_int8
 from a2n.backends.runtimes import BackendError, Runner, onnxruntime_runner, openvino_runner, torch_runner
 from a2n.backends.stages import ExportedStages, TorchStages
 
@@ -37,8 +38,8 @@ def runner(model: A2N, backend: str, precision: str) -> Runner:
 
 
 def stages(model: A2N, backend: str, precision: str) -> TorchStages | ExportedStages:
-    """The tiled forward's stages of model on backend at precision (exported to the cache on first use; int8 has
-    none: a2n.backends.auto.resolve_tiled says what tiles run at instead)."""
+    """The tiled forward's stages of model on backend at precision (exported to the cache on first use; int8: the
+    INT8 stages made with the model's INT8 file, which a2n.backends.auto.resolve_tiled asks for only where they exist)."""
     import torch
 
     made = _stages.setdefault(model, {})
@@ -46,8 +47,19 @@ def stages(model: A2N, backend: str, precision: str) -> TorchStages | ExportedSt
         if backend == "torch":
             made[(backend, precision)] = TorchStages(model, precision)
         else:
-            folder = stages_folder(model)
-            if not stages_ready(folder):
+            folder = stages_path(model, precision)
+            if precision != "int8" and not stages_ready(folder):
                 export_stages(model, folder)
             made[(backend, precision)] = ExportedStages(folder, backend, torch.get_num_threads(), precision)
     return made[(backend, precision)]
+
+
+def stages_path(model: A2N, precision: str) -> Path:
+    """The folder of the model's stages at precision: its INT8 stages for int8, else its export in the cache folder."""
+    if precision != "int8":
+        return stages_folder(model)
+    folder = int8_stages(model)
+    if folder is None:
+        raise BackendError(f"no INT8 stages for these x{model.scale} weights: `a2n export --format openvino --precision int8` "
+                           "makes them with the INT8 file; or use --precision fp32")
+    return folder

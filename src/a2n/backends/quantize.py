@@ -11,8 +11,12 @@ The other convolutions run in INT8 with asymmetric activations (NNCF's mixed pre
 a held-out part of the calibration photos (other weights), NNCF's accuracy control turns the
 layers that cost most back to float until it does not.
 
-The package ships an INT8 file per shipped weights (pretrained/a2n_x<S>_<key>_int8.xml and .bin,
-made by scripts/ship_weights.py); `a2n export --format openvino --precision int8 --calibration DIR`
+The tiled path's stages (head, each block, tail) are quantized the same way, apart, each calibrated
+on what it receives when the fp32 stages run the calibration crops (quantize_stages), so that an
+image too big for one forward keeps INT8's speed in tiles at about the whole INT8 image's cost.
+
+The package ships an INT8 file and INT8 stages per shipped weights (pretrained/a2n_x<S>_<key>_int8.xml
+and .bin, and a2n_x<S>_<key>_int8_stages/, made by scripts/ship_weights.py); `a2n export --format openvino --precision int8 --calibration DIR`
 makes one for other weights and files it in the cache folder too, where `--precision int8` finds it.
 """
 
@@ -23,12 +27,14 @@ import os
 import random
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
-from a2n.backends.cache import cache_dir, weights_key
+from a2n.backends.cache import cache_dir, read_table, weights_key, write_table
+from a2n.backends.export import export_stages, stages_ready
 from a2n.backends.runtimes import BackendError, openvino_core, require
+from a2n.backends.stages import ExportedStages, stage_names
 
 if TYPE_CHECKING:
     from a2n.model import A2N
@@ -52,6 +58,27 @@ def int8_file(model: A2N) -> Path | None:
         if path.is_file() and path.with_suffix(".bin").is_file():
             return path
     return None
+
+
+def int8_stages_name(model: A2N) -> str:
+    """The folder name of the model's INT8 tiled stages, keyed by its weights like its INT8 file."""
+    return f"a2n_x{model.scale}_{weights_key(model)}_int8_stages"
+
+
+def int8_stages(model: A2N) -> Path | None:
+    """The folder of the model's INT8 stages for the tiled path (made with its INT8 file); None if there is none."""
+    for folder in (cache_dir(), PRETRAINED):
+        path = folder / int8_stages_name(model)
+        if stages_ready(path):
+            return path
+    return None
+
+
+def stages_price(folder: Path) -> float:
+    """The most INT8 stages are recorded to lose through the tiled path: on their held-out crops, or on the benchmark
+    sets where measured (stages.json)."""
+    meta = read_table(folder / "stages.json")
+    return max(float(meta.get("held_out_drop_db", 0.0)), float(meta.get("benchmark_drop_db", 0.0)))
 
 
 def require_int8(model: A2N) -> Path:
@@ -114,6 +141,15 @@ def record_benchmark_drop(path: Path, drop: float, sets: str) -> None:
             shutil.copy(path.with_suffix(suffix), cached.with_suffix(suffix))
 
 
+def record_stages_benchmark_drop(folder: Path, drop: float, sets: str) -> None:
+    """Write into INT8 stages (stages.json) what the tiled path loses with them against fp32 on benchmark sets, so that
+    auto prices them at that too (stages_price); the copy in the cache folder, found first, gets it as well."""
+    for where in {folder, cache_dir() / folder.name}:
+        meta = read_table(where / "stages.json")
+        if meta.get("weights_key") == read_table(folder / "stages.json").get("weights_key"):
+            write_table(where / "stages.json", {**meta, "benchmark_drop_db": round(drop, 4), "benchmark_sets": sets})
+
+
 def crops(files: list[Path], scale: int, side: int, count: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """count random (LR 1x3xHxW float32 in 0..1, HR HxWx3 uint8) crops of the photos, the LR side x side made by
     MATLAB bicubic from the HR crop, as the training data is; the photos are taken in turn, one crop each."""
@@ -168,26 +204,127 @@ def validation_psnr(compiled, items: list) -> tuple[float, list[float]]:
     return float(np.mean(values)), values
 
 
-def first_conv(model) -> str:
-    """The name of an OpenVINO model's first convolution, the one that reads the image."""
-    return next(op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() == "Convolution")
+def float_ops(model) -> Any:
+    """NNCF's ignored scope of the recipe (module docstring): FLOAT_OPS, and the convolutions that read the image.
+    In the tiled stages MatMul is also each block's last 1x1 convolution, run over the pixels (a2n.model): it stays
+    in float there too, which measured no slower on AVX2 (its INT8 GEMM ran slower than the float one)."""
+    return require_nncf().IgnoredScope(types=FLOAT_OPS, names=image_convs(model), validate=False)
+
+
+def image_convs(model) -> list[str]:
+    """The names of an OpenVINO model's convolutions that read the image (input "lr") with no convolution between:
+    the first convolution of the whole model, of the head stage and of the tail stage (which recomputes it)."""
+    seen, found = set(), []
+    todo = [p.output(0) for p in model.get_parameters() if "lr" in p.output(0).get_names()]
+    while todo:
+        for target in todo.pop().get_target_inputs():
+            op = target.get_node()
+            if op.get_friendly_name() in seen:
+                continue
+            seen.add(op.get_friendly_name())
+            if op.get_type_name() == "Convolution":
+                found.append(op.get_friendly_name())
+            else:
+                todo += list(op.outputs())
+    return found
+
+
+def require_nncf() -> Any:
+    """Import NNCF with its INFO lines off (they list every node it leaves in float), or say which extra installs it."""
+    try:
+        import nncf
+    except ImportError as exc:
+        raise BackendError("INT8 export needs NNCF: pip install 'a2n[int8]'") from exc
+    nncf.set_log_level(logging.ERROR)
+    return nncf
+
+
+def tiled_psnr(stages: ExportedStages, items: list, tile: int) -> float:
+    """Mean PSNR on Y (8-bit output, shave = scale) of the tiled path with these stages on (LR, HR) crops."""
+    from a2n import metrics, tiling
+
+    values = []
+    for lr, hr in items:
+        out = np.empty_like(hr)
+        tiling.run_tiled(stages, lr, out, tile)
+        values.append(metrics.psnr(out, hr, shave=stages.scale))
+    return float(np.mean(values))
+
+
+class Recorded:
+    """A stage that keeps a copy of the inputs of every call: NNCF's calibration data for that stage."""
+
+    def __init__(self, run: Callable[..., list[np.ndarray]]) -> None:
+        self.run, self.calls = run, []
+
+    def __call__(self, *xs: np.ndarray) -> list[np.ndarray]:
+        self.calls.append(tuple(np.array(x) for x in xs))
+        return self.run(*xs)
+
+
+def quantize_stages(model: A2N, calibration_crops: list, validation_crops: list, folder: Path) -> float:
+    """Write the tiled path's stages quantized to INT8 (OpenVINO IR) into folder, and return what the tiled path loses
+    with them on the held-out crops (dB against its fp32 stages, tiles of half a crop; also in stages.json).
+
+    Each stage is calibrated on what it receives when the fp32 stages run the calibration crops, and keeps in float
+    what the whole model's file does (module docstring), so that tiles cost about what a whole INT8 image does.
+    """
+    import shutil
+    import tempfile
+    import warnings
+
+    import torch
+
+    from a2n import tiling
+
+    ov, nncf = require("openvino"), require_nncf()
+    from openvino._offline_transformations import apply_moc_transformations
+
+    core, threads = openvino_core(), torch.get_num_threads()
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    try:
+        fp32_dir = export_stages(model, tmp / "fp32")
+        recording = ExportedStages(fp32_dir, "openvino", threads)
+        recording.runs = {name: Recorded(run) for name, run in recording.runs.items()}
+        for lr, hr in calibration_crops:
+            tiling.run_tiled(recording, lr, np.empty_like(hr), max(lr.shape[2:]))
+        int8_dir = tmp / "int8"
+        int8_dir.mkdir()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for name in stage_names(recording.blocks):
+                stage = core.read_model(str(fp32_dir / f"{name}.onnx"))
+                apply_moc_transformations(stage, cf=True)  # as in quantize
+                calls = recording.runs[name].calls
+                int8 = nncf.quantize(stage, nncf.Dataset(calls), preset=nncf.QuantizationPreset.MIXED, subset_size=len(calls),
+                                     ignored_scope=float_ops(stage))
+                ov.save_model(int8, str(int8_dir / f"{name}.xml"), compress_to_fp16=False)
+        meta = {**read_table(fp32_dir / "stages.json"), "suffix": ".xml", "precision": "int8", "weights_key": weights_key(model)}
+        write_table(int8_dir / "stages.json", meta)
+        tile = max(validation_crops[0][0].shape[2:]) // 2
+        drop = (tiled_psnr(ExportedStages(fp32_dir, "openvino", threads), validation_crops, tile)
+                - tiled_psnr(ExportedStages(int8_dir, "openvino", threads, "int8"), validation_crops, tile))
+        write_table(int8_dir / "stages.json", {**meta, "held_out_drop_db": round(drop, 4)})
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(int8_dir, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return drop
 
 
 def quantize(model: A2N, calibration: Sequence[str | os.PathLike], path: str | os.PathLike, max_drop: float = MAX_DROP_DB) -> tuple[Path, float]:
     """Write the model quantized to INT8 as OpenVINO IR (path.xml, path.bin), calibrated on folders of photos,
-    with at most max_drop dB lost on held-out crops of them; also filed in the cache folder for --precision int8.
+    with at most max_drop dB lost on held-out crops of them, and its tiled stages beside it (path_stages/,
+    quantize_stages; kept if they lose no more); both also filed in the cache folder for --precision int8.
     Returns the file and what it loses on the held-out crops (dB, fp32 minus INT8)."""
     import shutil
     import tempfile
     import warnings
 
-    ov = require("openvino")
-    try:
-        import nncf
-        from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
-    except ImportError as exc:
-        raise BackendError("INT8 export needs NNCF: pip install 'a2n[int8]'") from exc
-    nncf.set_log_level(logging.ERROR)  # its INFO lines list every node it leaves in float
+    ov, nncf = require("openvino"), require_nncf()
+    from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
     from openvino._offline_transformations import apply_moc_transformations
 
     from a2n.backends.export import export_onnx
@@ -198,8 +335,7 @@ def quantize(model: A2N, calibration: Sequence[str | os.PathLike], path: str | o
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = core.read_model(str(export_onnx(model, Path(tmp) / "model.onnx")))
     apply_moc_transformations(fp32, cf=True)  # folds the biases' ShapeOf/Broadcast, or NNCF's bias correction finds none
-    float_ops = nncf.IgnoredScope(types=FLOAT_OPS, names=[first_conv(fp32)])
-    options = {"preset": nncf.QuantizationPreset.MIXED, "subset_size": len(calibration_crops), "ignored_scope": float_ops}
+    options = {"preset": nncf.QuantizationPreset.MIXED, "subset_size": len(calibration_crops), "ignored_scope": float_ops(fp32)}
     calibration_data = nncf.Dataset(calibration_crops, lambda item: item[0])
 
     def drop_of(int8) -> float:
@@ -229,4 +365,17 @@ def quantize(model: A2N, calibration: Sequence[str | os.PathLike], path: str | o
         cached.parent.mkdir(parents=True, exist_ok=True)
         for suffix in (".xml", ".bin"):
             shutil.copy(path.with_suffix(suffix), cached.with_suffix(suffix))
+    stages = path.with_name(f"{path.stem}_stages")
+    print(f"a2n: quantizing the tiled path's {len(model.blocks) + 2} stages the same way (for images too big for one "
+          "forward)", file=sys.stderr)
+    stages_drop = quantize_stages(model, calibration_crops, validation_crops, stages)
+    if stages_drop > max(max_drop, drop):
+        shutil.rmtree(stages)
+        print(f"a2n: the INT8 stages lose {stages_drop:.3f} dB on the held-out crops: not kept, the tiles of big images "
+              "will run in float", file=sys.stderr)
+    else:
+        cached = cache_dir() / int8_stages_name(model)
+        if cached.resolve() != stages.resolve():
+            shutil.rmtree(cached, ignore_errors=True)
+            shutil.copytree(stages, cached)
     return path, drop

@@ -3,7 +3,8 @@
 a2n.tiling drives them tile by tile; at fp32 the result equals the whole-image forward within 1e-4.
 At bf16 each stage computes in bf16 and hands fp32 maps and float64 pooled sums to the next, so a
 tiled image is as close to the fp32 output as the whole bf16 image is (tests/test_backends.py
-states the bound).
+states the bound). At int8 the stages are OpenVINO IR quantized apart (a2n.backends.quantize), as
+near fp32 as the whole INT8 image (tests/test_int8.py).
 """
 
 from __future__ import annotations
@@ -72,6 +73,11 @@ class TorchStages:
         return sr.detach().float().cpu().numpy()
 
 
+def stage_names(blocks: int) -> list[str]:
+    """The stages' file names (without suffix) in the order a tiled forward runs them."""
+    return ["head", *(f"block{k:02d}" for k in range(blocks)), "tail"]
+
+
 def _masks(shape: tuple[int, ...], inner: tiling.Box) -> tuple[np.ndarray, np.ndarray]:
     """0/1 float32 row and column masks of a window of shape (..., H, W) that select its inner box."""
     rows, cols = np.zeros(shape[-2], np.float32), np.zeros(shape[-1], np.float32)
@@ -80,8 +86,8 @@ def _masks(shape: tuple[int, ...], inner: tiling.Box) -> tuple[np.ndarray, np.nd
 
 
 class ExportedStages:
-    """The tiled forward's stages from export_stages, on ONNX Runtime (fp32) or OpenVINO (at a precision),
-    numpy in and out.
+    """The tiled forward's stages from export_stages, on ONNX Runtime (fp32) or OpenVINO (at a precision; int8: the
+    stages of a2n.backends.quantize), numpy in and out, each stage's runtime in runs by file name.
 
     Feature maps are channels-last in memory, as the exported stages take them, and indexed 1 x C x H x W
     here (a transposed view). OpenVINO runs memory.TILES_IN_FLIGHT tiles at once on as many streams
@@ -99,9 +105,8 @@ class ExportedStages:
         else:
             def make(path: Path) -> Outputs:
                 return OpenVINOStage(path, threads, self.parallel, precision)
-        self._head = make(folder / "head.onnx")
-        self._tail = make(folder / "tail.onnx")
-        self._blocks = [make(folder / f"block{k:02d}.onnx") for k in range(self.blocks)]
+        suffix = meta.get("suffix", ".onnx")  # INT8 stages are OpenVINO IR (a2n.backends.quantize)
+        self.runs = {name: make(folder / f"{name}{suffix}") for name in stage_names(self.blocks)}
 
     def _send(self, fea: np.ndarray) -> np.ndarray:
         """A feature window as the runtime takes it: contiguous and channels-last."""
@@ -118,18 +123,18 @@ class ExportedStages:
         return np.empty((1, height, width, self.channels), dtype=np.float32).transpose(0, 3, 1, 2)
 
     def head(self, x: np.ndarray, inner: tiling.Box) -> tuple[np.ndarray, np.ndarray]:
-        fea, summed = self._head(np.ascontiguousarray(x), *_masks(x.shape, inner))
+        fea, summed = self.runs["head"](np.ascontiguousarray(x), *_masks(x.shape, inner))
         return self._received(fea, inner), summed[0].astype(np.float64)
 
     def block(self, k: int, part: np.ndarray, pooled: np.ndarray, inner: tiling.Box) -> tuple[np.ndarray, np.ndarray | None]:
         if k + 1 < self.blocks:
-            out, summed = self._blocks[k](self._send(part), pooled, *_masks(part.shape, inner))
+            out, summed = self.runs[f"block{k:02d}"](self._send(part), pooled, *_masks(part.shape, inner))
             return self._received(out, inner), summed[0].astype(np.float64)
-        (out,) = self._blocks[k](self._send(part), pooled)
+        (out,) = self.runs[f"block{k:02d}"](self._send(part), pooled)
         return self._received(out, inner), None
 
     def tail(self, x: np.ndarray, fea: np.ndarray) -> np.ndarray:
-        return self._tail(np.ascontiguousarray(x), self._send(fea))[0]
+        return self.runs["tail"](np.ascontiguousarray(x), self._send(fea))[0]
 
     def to_numpy(self, sr: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(sr)
