@@ -62,7 +62,7 @@ def ship_int8(scale: int, variant: str, max_drop: float = quantize.MAX_DROP_DB, 
         quantize.record_benchmark_drop(path, max(costs.values()), ", ".join(f"{k} {v:+.4f}" for k, v in costs.items()))
         print(json.dumps({"int8": str(path), "scale": scale, "held_out_drop_db": round(drop, 4), "cost_db": costs}))
     if tiled:
-        folder = quantize.int8_stages(model)
+        folder = PRETRAINED / quantize.int8_stages_name(model)  # the shipped folder (int8_stages finds the cache's copy first)
         quantize.record_stages_benchmark_drop(folder, max(tiled.values()),
                                               ", ".join(f"{k} {v:+.4f} (tiles of {STAGES_TILE})" for k, v in tiled.items()))
         print(json.dumps({"int8_stages": str(folder), "scale": scale, "tiled_cost_db": tiled,

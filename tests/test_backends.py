@@ -358,7 +358,7 @@ def test_exported_stages_run_two_tiles_at_once_with_the_same_output(model: A2N, 
         stages = backends.ExportedStages(folder, backend, threads)
         assert stages.parallel == threads
         if backend == "openvino":
-            assert stages._blocks[0].config["NUM_STREAMS"] == threads
+            assert stages.runs["block00"].config["NUM_STREAMS"] == threads
         out = np.full((74, 58, 3), np.nan, np.float32)
         tiling.run_tiled(stages, x, out, 8)
         outs.append(out)
@@ -394,7 +394,7 @@ def test_openvino_stages_compile_per_shape_keep_few_and_share_across_threads(mod
     from concurrent.futures import ThreadPoolExecutor
 
     stages = backends.ExportedStages(export_stages(model, tmp_path / "stages"), "openvino", 1)
-    block = stages._blocks[0]
+    block = stages.runs["block00"]
     part = torch.rand(1, 40, 12, 14)
     pooled = part.mean(dim=(2, 3))
     inner = (slice(2, 10), slice(2, 12))

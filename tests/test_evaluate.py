@@ -47,9 +47,9 @@ def test_reference_set5(scale: int, tmp_path: Path, capsys: pytest.CaptureFixtur
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dataset", ["Set14", "B100"])
-@pytest.mark.parametrize("scale", [2, 3])
+@pytest.mark.parametrize(("dataset", "scale"), [("Set14", 2), ("Set14", 3), ("B100", 3)])
 def test_reference_set14_b100(dataset: str, scale: int, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """B100 at x3 only: at x2 it took the suite's longest minutes, and x2 is reproduced on Set5 and Set14 already."""
     check_reference(dataset, scale, tmp_path, capsys)
 
 

@@ -280,7 +280,7 @@ def _add_backend_options(p: argparse.ArgumentParser, backend: str = "torch", pre
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16", "int8"), default=precision,
                    help="compute precision; auto: the fastest that costs at most 0.02 dB PSNR on a ground-truth check "
                         "(bf16 only on CPUs with native bf16); int8: OpenVINO on the quantized file shipped with the weights "
-                        f"or made by `a2n export --precision int8`; its tiles run at auto's choice without int8 (default {precision})")
+                        f"or made by `a2n export --precision int8`, its tiles on the INT8 stages made with it (default {precision})")
 
 
 def _add_ensemble_option(p: argparse.ArgumentParser, note: str = "") -> None:
