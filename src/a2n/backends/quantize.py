@@ -314,10 +314,12 @@ def quantize_stages(model: A2N, calibration_crops: list, validation_crops: list,
     return drop
 
 
-def quantize(model: A2N, calibration: Sequence[str | os.PathLike], path: str | os.PathLike, max_drop: float = MAX_DROP_DB) -> tuple[Path, float]:
+def quantize(model: A2N, calibration: Sequence[str | os.PathLike], path: str | os.PathLike, max_drop: float = MAX_DROP_DB,
+             stages: bool = True) -> tuple[Path, float]:
     """Write the model quantized to INT8 as OpenVINO IR (path.xml, path.bin), calibrated on folders of photos,
     with at most max_drop dB lost on held-out crops of them, and its tiled stages beside it (path_stages/,
-    quantize_stages; kept if they lose no more); both also filed in the cache folder for --precision int8.
+    quantize_stages; kept if they lose no more; stages=False: the file alone); both also filed in the cache folder
+    for --precision int8.
     Returns the file and what it loses on the held-out crops (dB, fp32 minus INT8)."""
     import shutil
     import tempfile
@@ -365,17 +367,19 @@ def quantize(model: A2N, calibration: Sequence[str | os.PathLike], path: str | o
         cached.parent.mkdir(parents=True, exist_ok=True)
         for suffix in (".xml", ".bin"):
             shutil.copy(path.with_suffix(suffix), cached.with_suffix(suffix))
-    stages = path.with_name(f"{path.stem}_stages")
+    if not stages:
+        return path, drop
+    folder = path.with_name(f"{path.stem}_stages")
     print(f"a2n: quantizing the tiled path's {len(model.blocks) + 2} stages the same way (for images too big for one "
           "forward)", file=sys.stderr)
-    stages_drop = quantize_stages(model, calibration_crops, validation_crops, stages)
+    stages_drop = quantize_stages(model, calibration_crops, validation_crops, folder)
     if stages_drop > max(max_drop, drop):
-        shutil.rmtree(stages)
+        shutil.rmtree(folder)
         print(f"a2n: the INT8 stages lose {stages_drop:.3f} dB on the held-out crops: not kept, the tiles of big images "
               "will run in float", file=sys.stderr)
     else:
         cached = cache_dir() / int8_stages_name(model)
-        if cached.resolve() != stages.resolve():
+        if cached.resolve() != folder.resolve():
             shutil.rmtree(cached, ignore_errors=True)
-            shutil.copytree(stages, cached)
+            shutil.copytree(folder, cached)
     return path, drop
