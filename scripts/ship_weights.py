@@ -44,7 +44,8 @@ def ship_int8(scale: int, variant: str, max_drop: float = quantize.MAX_DROP_DB, 
         shutil.rmtree(old)
     if stages_only:
         calibration, validation = quantize.calibration_sets(TRAINING_PHOTOS, scale)
-        quantize.quantize_stages(model, calibration, validation, PRETRAINED / quantize.int8_stages_name(model))
+        quantize.quantize_stages(model, calibration, validation, PRETRAINED / quantize.int8_stages_name(model),
+                                 quantize.activation_ranges(quantize.require_int8(model)))
         shutil.rmtree(quantize.cache_dir() / quantize.int8_stages_name(model), ignore_errors=True)  # an older copy would be found first
     else:
         for old in PRETRAINED.glob(f"{variant}_x{scale}_*_int8.*"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -183,7 +184,7 @@ def test_export_int8_calibrates_keeps_the_loss_small_and_upscale_finds_it(tmp_pa
     export = ["export", "--format", "openvino", "--precision", "int8", "--calibration", str(calibration), "--max-drop", "0.05",
               "--scale", "4", "--weights", str(tmp_path / "mine.safetensors"), "-o", str(tmp_path / "out" / "mine_int8")]
     out = child("import sys; from a2n.backends import quantize; from a2n.cli import main; "  # NNCF in a child process (see child)
-                f"quantize.CALIBRATION_CROPS, quantize.VALIDATION_CROPS = 16, 8; sys.exit(main({export!r}))")
+                f"quantize.CALIBRATION_CROPS, quantize.VALIDATION_CROPS = 16, 8; sys.exit(main({export!r}))", stderr=True)
     assert "INT8" in out and (tmp_path / "out" / "mine_int8.xml").is_file() and (tmp_path / "out" / "mine_int8.bin").is_file()
     drop = float(out.split(" dB below fp32")[0].rsplit("; ", 1)[1])
     assert drop <= 0.05
@@ -194,6 +195,11 @@ def test_export_int8_calibrates_keeps_the_loss_small_and_upscale_finds_it(tmp_pa
     stages = quantize.int8_stages(mine)  # the tiled stages, beside the file and in the cache folder
     assert stages == tmp_path / "cache" / quantize.int8_stages_name(mine) and (tmp_path / "out" / "mine_int8_stages" / "stages.json").is_file()
     assert 0 <= quantize.stages_price(stages) <= 0.05 and len(list(stages.glob("*.xml"))) == len(mine.blocks) + 2
+    # both activation ranges were tried; the file and its stages keep the one that lost less on the held-out crops
+    tried = dict(re.findall(r"([a-z-]+) lose (-?[0-9.]+) dB", out.split("activation ranges ")[1].split("\n")[0]))
+    assert set(tried) == set(quantize.RANGES)
+    kept = quantize.activation_ranges(cached)
+    assert float(tried[kept]) == min(map(float, tried.values())) and quantize.read_table(stages / "stages.json")["activation_ranges"] == kept
 
     io.write_png(tmp_path / "a.png", (rgb_image() * 255).round().astype(np.uint8))
     assert main(["upscale", str(tmp_path / "a.png"), "--scale", "4", "--weights", str(tmp_path / "mine.safetensors"),
@@ -233,8 +239,9 @@ print(json.dumps([plain, drop]))
     assert fq("controlled") < fq("plain")
 
 
-def child(script: str) -> str:
-    """Run a Python script in a fresh process (one thread, this test's cache folder) and return its output."""
+def child(script: str, stderr: bool = False) -> str:
+    """Run a Python script in a fresh process (one thread, this test's cache folder) and return its output (stderr:
+    and then what it wrote to stderr)."""
     import os
     import subprocess
     import sys
@@ -242,7 +249,7 @@ def child(script: str) -> str:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
+    return done.stdout + (done.stderr if stderr else "")
 
 
 def test_auto_prices_int8_at_the_largest_of_its_check_and_its_recorded_losses() -> None:

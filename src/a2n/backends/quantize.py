@@ -7,7 +7,12 @@ image's. Here the first convolution, Add and Interpolate stay in float (little o
 so do the attention dropout modules' two small fully connected layers (MatMul): OpenVINO runs those
 in INT8 only on CPUs with VNNI, where they cost 0.31 dB on Set5 at x4 (0.02 in float; without VNNI
 OpenVINO keeps them in float anyway, which is why a file made on an AVX2 CPU looked fine there).
-The other convolutions run in INT8 with asymmetric activations (NNCF's mixed preset). Where that recipe loses more than max_drop on
+The other convolutions run in INT8 with asymmetric activations (NNCF's mixed preset). Each activation's range is
+taken two ways, NNCF's default (the mean over crops of each crop's min and max) and the full min..max over all
+crops, and the file keeps the one that loses less on the held-out crops: neither wins at every scale (bench/int8_recipes.py:
+min..max cut Set5's cost from 0.035 to 0.011 dB at x4 and the held-out loss from 0.084 to 0.028 at x2, where the mean
+clips the peaks that edges make, but raised Set5's from 0.012 to 0.022 at x3), and the held-out crops ranked the
+two as Set5 and Set14 did at all three scales. Where that recipe loses more than max_drop on
 a held-out part of the calibration photos (other weights), NNCF's accuracy control turns the
 layers that cost most back to float until it does not.
 
@@ -44,6 +49,7 @@ MAX_DROP_DB = 0.05  # the most the held-out crops may lose before accuracy contr
 FLOAT_OPS = ["Add", "Interpolate", "MatMul"]  # kept in float with the first convolution (see above)
 CALIBRATION_CROPS, VALIDATION_CROPS = 64, 32
 CALIBRATION_SIDE, VALIDATION_SIDE = 48, 64  # LR crop sides
+RANGES = ("min-max", "mean")  # activation ranges tried (recipe): over all calibration crops, or NNCF's mean per crop
 
 
 def int8_name(model: A2N) -> str:
@@ -109,6 +115,15 @@ def recorded_drop(path: Path, key: str) -> float:
     return recorded_drops(path, key)[0]
 
 
+def activation_ranges(path: Path) -> str:
+    """Which of RANGES an INT8 file was calibrated with ("mean", NNCF's default, for files made before the choice)."""
+    info = openvino_core().read_model(str(path)).get_rt_info()
+    try:
+        return str(info["a2n"]["activation_ranges"].astype(str))
+    except (KeyError, RuntimeError):
+        return "mean"
+
+
 def held_out_drop(path: Path) -> float:
     """What an INT8 file lost on its held-out calibration crops when it was made (quantize), in dB; 0 if unrecorded."""
     return recorded_drop(path, "held_out_drop_db")
@@ -171,8 +186,9 @@ def crops(files: list[Path], scale: int, side: int, count: int, seed: int) -> li
     return out
 
 
-def calibration_sets(folders: Sequence[str | os.PathLike], scale: int) -> tuple[list, list]:
-    """Calibration and held-out validation crops from folders of photos; the two never share a photo."""
+def calibration_sets(folders: Sequence[str | os.PathLike], scale: int, count: int | None = None) -> tuple[list, list]:
+    """count (default CALIBRATION_CROPS) calibration crops and the held-out validation crops from folders of photos; the
+    two never share a photo."""
     from PIL import Image
 
     from a2n import io
@@ -188,7 +204,7 @@ def calibration_sets(folders: Sequence[str | os.PathLike], scale: int) -> tuple[
                            f"(found {len(usable)}); use photos like the training data")
     random.Random(0).shuffle(usable)
     cut = max(2, len(usable) // 4)
-    return (crops(usable[cut:], scale, CALIBRATION_SIDE, CALIBRATION_CROPS, seed=1),
+    return (crops(usable[cut:], scale, CALIBRATION_SIDE, count or CALIBRATION_CROPS, seed=1),
             crops(usable[:cut], scale, VALIDATION_SIDE, VALIDATION_CROPS, seed=2))
 
 
@@ -209,6 +225,18 @@ def float_ops(model) -> Any:
     In the tiled stages MatMul is also each block's last 1x1 convolution, run over the pixels (a2n.model): it stays
     in float there too, which measured no slower on AVX2 (its INT8 GEMM ran slower than the float one)."""
     return require_nncf().IgnoredScope(types=FLOAT_OPS, names=image_convs(model), validate=False)
+
+
+def recipe(model, ranges: str = "min-max") -> dict[str, Any]:
+    """nncf.quantize's options for an OpenVINO model (module docstring): the mixed preset, float_ops in float, and
+    activation ranges from one of RANGES."""
+    nncf = require_nncf()
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
+    from nncf.quantization.range_estimator import RangeEstimatorParameters, RangeEstimatorParametersSet
+
+    estimator = {"min-max": RangeEstimatorParametersSet.MINMAX, "mean": RangeEstimatorParameters()}[ranges]
+    return {"preset": nncf.QuantizationPreset.MIXED, "ignored_scope": float_ops(model),
+            "advanced_parameters": AdvancedQuantizationParameters(activations_range_estimator_params=estimator)}
 
 
 def image_convs(model) -> list[str]:
@@ -262,12 +290,13 @@ class Recorded:
         return self.run(*xs)
 
 
-def quantize_stages(model: A2N, calibration_crops: list, validation_crops: list, folder: Path) -> float:
+def quantize_stages(model: A2N, calibration_crops: list, validation_crops: list, folder: Path, ranges: str = "min-max") -> float:
     """Write the tiled path's stages quantized to INT8 (OpenVINO IR) into folder, and return what the tiled path loses
     with them on the held-out crops (dB against its fp32 stages, tiles of half a crop; also in stages.json).
 
     Each stage is calibrated on what it receives when the fp32 stages run the calibration crops, and keeps in float
-    what the whole model's file does (module docstring), so that tiles cost about what a whole INT8 image does.
+    what the whole model's file does (module docstring) with the activation ranges it took (RANGES), so that tiles
+    cost about what a whole INT8 image does.
     """
     import shutil
     import tempfile
@@ -298,10 +327,10 @@ def quantize_stages(model: A2N, calibration_crops: list, validation_crops: list,
                 stage = core.read_model(str(fp32_dir / f"{name}.onnx"))
                 apply_moc_transformations(stage, cf=True)  # as in quantize
                 calls = recording.runs[name].calls
-                int8 = nncf.quantize(stage, nncf.Dataset(calls), preset=nncf.QuantizationPreset.MIXED, subset_size=len(calls),
-                                     ignored_scope=float_ops(stage))
+                int8 = nncf.quantize(stage, nncf.Dataset(calls), subset_size=len(calls), **recipe(stage, ranges))
                 ov.save_model(int8, str(int8_dir / f"{name}.xml"), compress_to_fp16=False)
-        meta = {**read_table(fp32_dir / "stages.json"), "suffix": ".xml", "precision": "int8", "weights_key": weights_key(model)}
+        meta = {**read_table(fp32_dir / "stages.json"), "suffix": ".xml", "precision": "int8", "weights_key": weights_key(model),
+                "activation_ranges": ranges}
         write_table(int8_dir / "stages.json", meta)
         tile = max(validation_crops[0][0].shape[2:]) // 2
         drop = (tiled_psnr(ExportedStages(fp32_dir, "openvino", threads), validation_crops, tile)
@@ -316,8 +345,8 @@ def quantize_stages(model: A2N, calibration_crops: list, validation_crops: list,
 
 def quantize(model: A2N, calibration: Sequence[str | os.PathLike], path: str | os.PathLike, max_drop: float = MAX_DROP_DB,
              stages: bool = True) -> tuple[Path, float]:
-    """Write the model quantized to INT8 as OpenVINO IR (path.xml, path.bin), calibrated on folders of photos,
-    with at most max_drop dB lost on held-out crops of them, and its tiled stages beside it (path_stages/,
+    """Write the model quantized to INT8 as OpenVINO IR (path.xml, path.bin), calibrated on folders of photos with
+    the activation ranges (RANGES) that lose less on held-out crops of them, and at most max_drop dB lost there, and its tiled stages beside it (path_stages/,
     quantize_stages; kept if they lose no more; stages=False: the file alone); both also filed in the cache folder
     for --precision int8.
     Returns the file and what it loses on the held-out crops (dB, fp32 minus INT8)."""
@@ -337,29 +366,38 @@ def quantize(model: A2N, calibration: Sequence[str | os.PathLike], path: str | o
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = core.read_model(str(export_onnx(model, Path(tmp) / "model.onnx")))
     apply_moc_transformations(fp32, cf=True)  # folds the biases' ShapeOf/Broadcast, or NNCF's bias correction finds none
-    options = {"preset": nncf.QuantizationPreset.MIXED, "subset_size": len(calibration_crops), "ignored_scope": float_ops(fp32)}
     calibration_data = nncf.Dataset(calibration_crops, lambda item: item[0])
 
+    fp32_psnr = validation_psnr(core.compile_model(fp32, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}), validation_crops)[0]
+
     def drop_of(int8) -> float:
-        return (validation_psnr(core.compile_model(fp32, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}), validation_crops)[0]
-                - validation_psnr(core.compile_model(int8, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}), validation_crops)[0])
+        return fp32_psnr - validation_psnr(core.compile_model(int8, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}), validation_crops)[0]
 
     print(f"a2n: quantizing x{model.scale} to INT8 on {len(calibration_crops)} crops, checked on {len(validation_crops)} "
           "held-out crops", file=sys.stderr)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        int8 = nncf.quantize(fp32.clone(), calibration_data, **options)
-        drop = drop_of(int8)
+        tried = {}
+        for ranges in RANGES:
+            int8 = nncf.quantize(fp32.clone(), calibration_data, subset_size=len(calibration_crops), **recipe(fp32, ranges))
+            tried[ranges] = (drop_of(int8), int8)
+        ranges = min(tried, key=lambda r: tried[r][0])
+        drop, int8 = tried[ranges]
+        print("a2n: activation ranges " + ", ".join(f"{r} lose {d:.3f} dB" for r, (d, _) in tried.items()) + f": keeping {ranges}",
+              file=sys.stderr)
         if drop > max_drop:  # NNCF's accuracy control: the convolutions that cost most go back to float, one by one
             print(f"a2n: INT8 loses {drop:.3f} dB on the held-out crops, more than {max_drop:g}: finding the layers to keep "
                   "in float (minutes to tens of minutes)", file=sys.stderr)
+            options = recipe(fp32, ranges)
             int8 = nncf.quantize_with_accuracy_control(
                 fp32.clone(), calibration_data, nncf.Dataset(validation_crops, lambda item: item[0]), validation_psnr,
-                max_drop=max_drop, drop_type=nncf.DropType.ABSOLUTE, **options,
+                max_drop=max_drop, drop_type=nncf.DropType.ABSOLUTE, subset_size=len(calibration_crops), preset=options["preset"],
+                ignored_scope=options["ignored_scope"], advanced_quantization_parameters=options["advanced_parameters"],
                 advanced_accuracy_restorer_parameters=AdvancedAccuracyRestorerParameters(max_num_iterations=sys.maxsize))
             drop = drop_of(int8)
     int8.set_rt_info(weights_key(model), ["a2n", "weights_key"])
     int8.set_rt_info(f"{drop:.4f}", ["a2n", "held_out_drop_db"])
+    int8.set_rt_info(ranges, ["a2n", "activation_ranges"])
     path.parent.mkdir(parents=True, exist_ok=True)
     ov.save_model(int8, str(path), compress_to_fp16=False)
     cached = cache_dir() / int8_name(model)
@@ -372,7 +410,7 @@ def quantize(model: A2N, calibration: Sequence[str | os.PathLike], path: str | o
     folder = path.with_name(f"{path.stem}_stages")
     print(f"a2n: quantizing the tiled path's {len(model.blocks) + 2} stages the same way (for images too big for one "
           "forward)", file=sys.stderr)
-    stages_drop = quantize_stages(model, calibration_crops, validation_crops, folder)
+    stages_drop = quantize_stages(model, calibration_crops, validation_crops, folder, ranges)
     if stages_drop > max(max_drop, drop):
         shutil.rmtree(folder)
         print(f"a2n: the INT8 stages lose {stages_drop:.3f} dB on the held-out crops: not kept, the tiles of big images "
