@@ -346,9 +346,9 @@ def quantize_stages(model: A2N, calibration_crops: list, validation_crops: list,
 def quantize(model: A2N, calibration: Sequence[str | os.PathLike], path: str | os.PathLike, max_drop: float = MAX_DROP_DB,
              stages: bool = True) -> tuple[Path, float]:
     """Write the model quantized to INT8 as OpenVINO IR (path.xml, path.bin), calibrated on folders of photos with
-    the activation ranges (RANGES) that lose less on held-out crops of them, and at most max_drop dB lost there, and its tiled stages beside it (path_stages/,
-    quantize_stages; kept if they lose no more; stages=False: the file alone); both also filed in the cache folder
-    for --precision int8.
+    the activation ranges (RANGES) that lose less on held-out crops of them, with at most max_drop dB lost there, and
+    its tiled stages beside it (path_stages/, quantize_stages; kept if they lose no more; stages=False: the file
+    alone); both also filed in the cache folder for --precision int8.
     Returns the file and what it loses on the held-out crops (dB, fp32 minus INT8)."""
     import shutil
     import tempfile
@@ -367,7 +367,6 @@ def quantize(model: A2N, calibration: Sequence[str | os.PathLike], path: str | o
         fp32 = core.read_model(str(export_onnx(model, Path(tmp) / "model.onnx")))
     apply_moc_transformations(fp32, cf=True)  # folds the biases' ShapeOf/Broadcast, or NNCF's bias correction finds none
     calibration_data = nncf.Dataset(calibration_crops, lambda item: item[0])
-
     fp32_psnr = validation_psnr(core.compile_model(fp32, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}), validation_crops)[0]
 
     def drop_of(int8) -> float:
