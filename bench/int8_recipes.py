@@ -52,18 +52,8 @@ def with_zero_biases(model):
 
 def hr_convs(model) -> list[str]:
     """The convolutions downstream of an Interpolate (the upsampling part, at the output's resolution)."""
-    seen, found = set(), []
-    todo = [op.output(0) for op in model.get_ops() if op.get_type_name() == "Interpolate"]
-    while todo:
-        for target in todo.pop().get_target_inputs():
-            op = target.get_node()
-            if op.get_friendly_name() in seen:
-                continue
-            seen.add(op.get_friendly_name())
-            if op.get_type_name() == "Convolution":
-                found.append(op.get_friendly_name())
-            todo += list(op.outputs())
-    return found
+    return quantize.convs_downstream([op.output(0) for op in model.get_ops() if op.get_type_name() == "Interpolate"],
+                                     through_convs=True)
 
 
 def last_convs(model) -> list[str]:

@@ -242,8 +242,13 @@ def recipe(model, ranges: str = "min-max") -> dict[str, Any]:
 def image_convs(model) -> list[str]:
     """The names of an OpenVINO model's convolutions that read the image (input "lr") with no convolution between:
     the first convolution of the whole model, of the head stage and of the tail stage (which recomputes it)."""
-    seen, found = set(), []
-    todo = [p.output(0) for p in model.get_parameters() if "lr" in p.output(0).get_names()]
+    return convs_downstream([p.output(0) for p in model.get_parameters() if "lr" in p.output(0).get_names()])
+
+
+def convs_downstream(outputs: list, through_convs: bool = False) -> list[str]:
+    """The names of the convolutions that these OpenVINO outputs reach: the first ones on each path, or
+    (through_convs) every one."""
+    seen, found, todo = set(), [], list(outputs)
     while todo:
         for target in todo.pop().get_target_inputs():
             op = target.get_node()
@@ -252,7 +257,7 @@ def image_convs(model) -> list[str]:
             seen.add(op.get_friendly_name())
             if op.get_type_name() == "Convolution":
                 found.append(op.get_friendly_name())
-            else:
+            if op.get_type_name() != "Convolution" or through_convs:
                 todo += list(op.outputs())
     return found
 
