@@ -50,12 +50,6 @@ def with_zero_biases(model):
     return model
 
 
-def hr_convs(model) -> list[str]:
-    """The convolutions downstream of an Interpolate (the upsampling part, at the output's resolution)."""
-    return quantize.convs_downstream([op.output(0) for op in model.get_ops() if op.get_type_name() == "Interpolate"],
-                                     through_convs=True)
-
-
 def last_convs(model) -> list[str]:
     """The convolutions that write the output with no convolution between (conv_last)."""
     found, todo, seen = [], [r.input_value(0).get_node() for r in model.get_results()], set()
@@ -84,7 +78,7 @@ def options(recipe: str, fp32) -> dict:
     if "last-conv-float" in parts:
         names += last_convs(fp32)
     if "hr-convs-float" in parts:
-        names += hr_convs(fp32)
+        names += quantize.hr_convs(fp32)
     out["ignored_scope"] = nncf.IgnoredScope(types=quantize.FLOAT_OPS, names=names, validate=False)
     if "full-bias" in parts:
         out["fast_bias_correction"] = False

@@ -7,9 +7,9 @@
 The candidate and the shipped file are both scored on Set5 with `a2n evaluate`'s code, so the
 comparison does not rely on numbers written at different times. Shipped weights get their INT8
 file (pretrained/a2n_x<S>_<key>_int8.xml/.bin, a2n.backends.quantize), calibrated on the training
-photos, with its Set5/Set14 cost against fp32 written into it, and INT8 stages for the tiled path beside it
-(pretrained/a2n_x<S>_<key>_int8_stages/, their cost in tiles written into their stages.json); the files of the
-weights they replace are removed.
+photos within auto's 0.02 dB on held-out crops (so that auto may take it), with its Set5/Set14 cost against
+fp32 written into it, and INT8 stages for the tiled path beside it (pretrained/a2n_x<S>_<key>_int8_stages/,
+their cost in tiles written into their stages.json); the files of the weights they replace are removed.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from a2n.backends import quantize
+from a2n.backends.auto import MAX_COST_DB
 from a2n.evaluation import evaluate_folder
 from a2n.weights import build_model, save_weights, shipped_weights_path
 
@@ -35,7 +36,7 @@ def set5_psnr(path: Path, scale: int, variant: str, data: Path) -> float:
     return evaluate_folder(data, scale, build_model(scale, variant, path))[-1].psnr
 
 
-def ship_int8(scale: int, variant: str, max_drop: float = quantize.MAX_DROP_DB, stages_only: bool = False) -> None:
+def ship_int8(scale: int, variant: str, max_drop: float = MAX_COST_DB, stages_only: bool = False) -> None:
     """Quantize the shipped weights of scale to INT8 next to them (the file and the tiled stages; stages_only: the
     stages alone), replacing those of earlier weights, and record in each what it loses on Set5 and Set14 against
     fp32: auto prices them at that too (a2n.backends.quantize.price and stages_price)."""
@@ -45,7 +46,7 @@ def ship_int8(scale: int, variant: str, max_drop: float = quantize.MAX_DROP_DB, 
     if stages_only:
         calibration, validation = quantize.calibration_sets(TRAINING_PHOTOS, scale)
         quantize.quantize_stages(model, calibration, validation, PRETRAINED / quantize.int8_stages_name(model),
-                                 quantize.activation_ranges(quantize.require_int8(model)))
+                                 *quantize.recorded_recipe(quantize.require_int8(model)))
         shutil.rmtree(quantize.cache_dir() / quantize.int8_stages_name(model), ignore_errors=True)  # an older copy would be found first
     else:
         for old in PRETRAINED.glob(f"{variant}_x{scale}_*_int8.*"):
@@ -79,8 +80,9 @@ def main() -> None:
     ap.add_argument("--int8-only", action="store_true", help="only remake the INT8 file of the shipped weights of --scale")
     ap.add_argument("--int8-stages-only", action="store_true", help="only remake the INT8 stages (tiled path) of --scale")
     ap.add_argument("--scale", type=int, choices=(2, 3, 4))
-    ap.add_argument("--max-drop", type=float, default=quantize.MAX_DROP_DB,
-                    help="INT8: held-out loss above which NNCF's accuracy control runs (tens of minutes at x2)")
+    ap.add_argument("--max-drop", type=float, default=MAX_COST_DB,
+                    help="INT8: held-out loss above which the upsampling part goes back to float, then NNCF's accuracy "
+                         "control runs (tens of minutes at x2); default auto's rule, so that auto may take the file")
     args = ap.parse_args()
     if args.int8_only or args.int8_stages_only:
         if args.scale is None:

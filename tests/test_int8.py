@@ -45,7 +45,8 @@ def rgb_image(h: int = 40, w: int = 36) -> np.ndarray:
 @pytest.mark.parametrize("scale", [2, 3, 4])
 def test_every_shipped_scale_has_an_int8_file_within_005_db_on_set5(scale: int) -> None:
     """The package ships an INT8 file and INT8 tiled stages for each shipped weights file (keyed by the weights), and
-    each costs at most 0.05 dB on Set5 against torch fp32, whole and in tiles (NNCF's default cost 1.7 dB at x2)."""
+    each costs at most 0.05 dB on Set5 against torch fp32, whole and in tiles (NNCF's default cost 1.7 dB at x2); the
+    file's recorded price is within auto's rule, and its stages were quantized with the file's recipe."""
     model = load_model(scale)
     path, stages = quantize.int8_file(model), quantize.int8_stages(model)
     assert path is not None and path.parent == quantize.PRETRAINED, "scripts/ship_weights.py makes the INT8 files"
@@ -63,6 +64,22 @@ def test_every_shipped_scale_has_an_int8_file_within_005_db_on_set5(scale: int) 
     tiled = evaluate_folder(data, scale, model, backend="openvino", precision="int8", tile=48)[1].psnr
     assert abs(fp32 - int8) <= 0.05 and abs(fp32 - tiled) <= 0.05, (fp32, int8, tiled)
     assert quantize.stages_price(stages) >= fp32 - tiled - 0.01  # priced at least at what Set5 shows (kernels differ by CPU)
+    assert quantize.price(path) <= auto.MAX_COST_DB  # shipped within auto's rule, so that auto may take it at every scale
+    ranges, hr_float = quantize.recorded_recipe(path)  # the stages quantized as the file was
+    meta = json.loads((stages / "stages.json").read_text())
+    assert meta["activation_ranges"] == ranges and meta.get("hr_float", False) == hr_float
+
+
+@pytest.mark.parametrize("scale", [2, 4])
+def test_hr_convs_are_the_upsampling_part(scale: int, tmp_path: Path) -> None:
+    """What the recipe's second step keeps in float (quantize.hr_convs): every convolution after the nearest-neighbour
+    upsampling (upconv, the pixel attention's conv and HRconv per upsampling step, then conv_last), no other."""
+    from a2n.backends.export import export_onnx
+
+    names = quantize.hr_convs(ov.Core().read_model(str(export_onnx(load_model(scale), tmp_path / "m.onnx"))))
+    steps = ["1", "2"] if scale == 4 else ["1"]
+    want = {f"{part}{i}" for i in steps for part in ("upconv", "att", "HRconv")} | {"conv_last"}
+    assert sorted(name.split("/")[1] for name in names) == sorted(want)
 
 
 def test_int8_holds_on_kernels_with_and_without_vnni() -> None:
@@ -203,7 +220,7 @@ def test_export_int8_calibrates_keeps_the_loss_small_and_upscale_finds_it(tmp_pa
     # both activation ranges were tried; the file and its stages keep the one that lost less on the held-out crops
     tried = dict(re.findall(r"([a-z-]+) lose (-?[0-9.]+) dB", out.split("activation ranges ")[1].split("\n")[0]))
     assert set(tried) == set(quantize.RANGES)
-    kept = quantize.activation_ranges(cached)
+    kept = quantize.recorded_recipe(cached)[0]
     assert float(tried[kept]) == min(map(float, tried.values())) and quantize.read_table(stages / "stages.json")["activation_ranges"] == kept
 
     io.write_png(tmp_path / "a.png", (rgb_image() * 255).round().astype(np.uint8))
@@ -220,8 +237,8 @@ def test_export_int8_calibrates_keeps_the_loss_small_and_upscale_finds_it(tmp_pa
 
 @pytest.mark.slow
 def test_accuracy_control_takes_over_when_the_recipe_loses_too_much(tmp_path: Path) -> None:
-    """Where quantization loses more than max_drop on the held-out crops, NNCF's accuracy control turns layers back to
-    float until it does not. Small and quick: the shipped x4 cut to 2 blocks, quantized with nothing kept in float
+    """Where quantization loses more than max_drop on the held-out crops, even with the upsampling part in float,
+    NNCF's accuracy control turns layers back to float until it does not. Small and quick: the shipped x4 cut to 2 blocks, quantized with nothing kept in float
     (FLOAT_OPS emptied; one of RANGES, the choice between them is the export test's), then again with max_drop half
     of that loss. In a child process: NNCF left in the test
     process crashed later tests (torch, in test_training) there."""
@@ -235,6 +252,7 @@ full = load_model(4).state_dict()
 small = A2N(4, nb=2, pixel_range=255.0).eval()
 small.load_state_dict({{k: v for k, v in full.items() if k in small.state_dict()}})
 quantize.CALIBRATION_CROPS, quantize.VALIDATION_CROPS, quantize.FLOAT_OPS, quantize.RANGES = 8, 4, [], ("mean",)
+quantize.hr_convs = lambda model: []  # the step before accuracy control then changes nothing (test_hr_convs_are_the_upsampling_part)
 _, plain = quantize.quantize(small, [{str(calibration)!r}], {str(tmp_path / "plain")!r}, max_drop=10.0, stages=False)
 _, drop = quantize.quantize(small, [{str(calibration)!r}], {str(tmp_path / "controlled")!r}, max_drop=plain / 2, stages=False)
 print(json.dumps([plain, drop]))

@@ -13,8 +13,11 @@ crops, and the file keeps the one that loses less on the held-out crops: neither
 min..max cut Set5's cost from 0.035 to 0.011 dB at x4 and the held-out loss from 0.084 to 0.028 at x2, where the mean
 clips the peaks that edges make, but raised Set5's from 0.012 to 0.022 at x3), and the held-out crops ranked the
 two as Set5 and Set14 did at all three scales. Where that recipe loses more than max_drop on
-a held-out part of the calibration photos (other weights), NNCF's accuracy control turns the
-layers that cost most back to float until it does not.
+a held-out part of the calibration photos, the upsampling part's convolutions (those after the
+nearest-neighbour upsampling, at the output's resolution; a few per cent of the compute at x2) go
+back to float too: they write the image, with no later layer to average their rounding out (at x2
+that took Set5's cost from 0.025 to 0.014 dB, bench/int8_recipes.py). Where it still loses more,
+NNCF's accuracy control turns the layers that cost most back to float until it does not.
 
 The tiled path's stages (head, each block, tail) are quantized the same way, apart, each calibrated
 on what it receives when the fp32 stages run the calibration crops (quantize_stages), so that an
@@ -115,13 +118,17 @@ def recorded_drop(path: Path, key: str) -> float:
     return recorded_drops(path, key)[0]
 
 
-def activation_ranges(path: Path) -> str:
-    """Which of RANGES an INT8 file was calibrated with ("mean", NNCF's default, for files made before the choice)."""
+def recorded_recipe(path: Path) -> tuple[str, bool]:
+    """How an INT8 file was quantized: which of RANGES it was calibrated with ("mean", NNCF's default, for files made
+    before the choice) and whether its upsampling part stayed in float (False for files made before that step)."""
     info = openvino_core().read_model(str(path)).get_rt_info()
-    try:
-        return str(info["a2n"]["activation_ranges"].astype(str))
-    except (KeyError, RuntimeError):
-        return "mean"
+    found = []
+    for key, default in (("activation_ranges", "mean"), ("hr_float", "false")):
+        try:
+            found.append(str(info["a2n"][key].astype(str)))
+        except (KeyError, RuntimeError):
+            found.append(default)
+    return found[0], found[1] == "true"
 
 
 def held_out_drop(path: Path) -> float:
@@ -227,15 +234,18 @@ def float_ops(model) -> Any:
     return require_nncf().IgnoredScope(types=FLOAT_OPS, names=image_convs(model), validate=False)
 
 
-def recipe(model, ranges: str = "min-max") -> dict[str, Any]:
-    """nncf.quantize's options for an OpenVINO model (module docstring): the mixed preset, float_ops in float, and
-    activation ranges from one of RANGES."""
+def recipe(model, ranges: str = "min-max", hr_float: bool = False) -> dict[str, Any]:
+    """nncf.quantize's options for an OpenVINO model (module docstring): the mixed preset, float_ops in float (and
+    hr_float: the upsampling part's convolutions, hr_convs), and activation ranges from one of RANGES."""
     nncf = require_nncf()
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
     from nncf.quantization.range_estimator import RangeEstimatorParameters, RangeEstimatorParametersSet
 
     estimator = {"min-max": RangeEstimatorParametersSet.MINMAX, "mean": RangeEstimatorParameters()}[ranges]
-    return {"preset": nncf.QuantizationPreset.MIXED, "ignored_scope": float_ops(model),
+    ignored = float_ops(model)
+    if hr_float:
+        ignored = nncf.IgnoredScope(types=FLOAT_OPS, names=ignored.names + hr_convs(model), validate=False)
+    return {"preset": nncf.QuantizationPreset.MIXED, "ignored_scope": ignored,
             "advanced_parameters": AdvancedQuantizationParameters(activations_range_estimator_params=estimator)}
 
 
@@ -243,6 +253,12 @@ def image_convs(model) -> list[str]:
     """The names of an OpenVINO model's convolutions that read the image (input "lr") with no convolution between:
     the first convolution of the whole model, of the head stage and of the tail stage (which recomputes it)."""
     return convs_downstream([p.output(0) for p in model.get_parameters() if "lr" in p.output(0).get_names()])
+
+
+def hr_convs(model) -> list[str]:
+    """The names of an OpenVINO model's convolutions downstream of an Interpolate: the upsampling part, at the
+    output's resolution (the other Interpolate, the bilinear skip, reaches none)."""
+    return convs_downstream([op.output(0) for op in model.get_ops() if op.get_type_name() == "Interpolate"], through_convs=True)
 
 
 def convs_downstream(outputs: list, through_convs: bool = False) -> list[str]:
@@ -295,13 +311,14 @@ class Recorded:
         return self.run(*xs)
 
 
-def quantize_stages(model: A2N, calibration_crops: list, validation_crops: list, folder: Path, ranges: str = "min-max") -> float:
+def quantize_stages(model: A2N, calibration_crops: list, validation_crops: list, folder: Path, ranges: str = "min-max",
+                    hr_float: bool = False) -> float:
     """Write the tiled path's stages quantized to INT8 (OpenVINO IR) into folder, and return what the tiled path loses
     with them on the held-out crops (dB against its fp32 stages, tiles of half a crop; also in stages.json).
 
     Each stage is calibrated on what it receives when the fp32 stages run the calibration crops, and keeps in float
-    what the whole model's file does (module docstring) with the activation ranges it took (RANGES), so that tiles
-    cost about what a whole INT8 image does.
+    what the whole model's file does (module docstring: hr_float too) with the activation ranges it took (RANGES), so
+    that tiles cost about what a whole INT8 image does.
     """
     import shutil
     import tempfile
@@ -332,10 +349,10 @@ def quantize_stages(model: A2N, calibration_crops: list, validation_crops: list,
                 stage = core.read_model(str(fp32_dir / f"{name}.onnx"))
                 apply_moc_transformations(stage, cf=True)  # as in quantize
                 calls = recording.runs[name].calls
-                int8 = nncf.quantize(stage, nncf.Dataset(calls), subset_size=len(calls), **recipe(stage, ranges))
+                int8 = nncf.quantize(stage, nncf.Dataset(calls), subset_size=len(calls), **recipe(stage, ranges, hr_float))
                 ov.save_model(int8, str(int8_dir / f"{name}.xml"), compress_to_fp16=False)
         meta = {**read_table(fp32_dir / "stages.json"), "suffix": ".xml", "precision": "int8", "weights_key": weights_key(model),
-                "activation_ranges": ranges}
+                "activation_ranges": ranges, "hr_float": hr_float}
         write_table(int8_dir / "stages.json", meta)
         tile = max(validation_crops[0][0].shape[2:]) // 2
         drop = (tiled_psnr(ExportedStages(fp32_dir, "openvino", threads), validation_crops, tile)
@@ -389,10 +406,18 @@ def quantize(model: A2N, calibration: Sequence[str | os.PathLike], path: str | o
         drop, int8 = tried[ranges]
         print("a2n: activation ranges " + ", ".join(f"{r} lose {d:.3f} dB" for r, (d, _) in tried.items()) + f": keeping {ranges}",
               file=sys.stderr)
+        hr_float = False
+        if drop > max_drop:  # the upsampling part back in float (module docstring)
+            hr_int8 = nncf.quantize(fp32.clone(), calibration_data, subset_size=len(calibration_crops), **recipe(fp32, ranges, True))
+            hr_drop = drop_of(hr_int8)
+            print(f"a2n: INT8 loses {drop:.3f} dB on the held-out crops, more than {max_drop:g}; with the upsampling part in "
+                  f"float {hr_drop:.3f} dB" + (": keeping that" if hr_drop < drop else ""), file=sys.stderr)
+            if hr_drop < drop:
+                hr_float, drop, int8 = True, hr_drop, hr_int8
         if drop > max_drop:  # NNCF's accuracy control: the convolutions that cost most go back to float, one by one
             print(f"a2n: INT8 loses {drop:.3f} dB on the held-out crops, more than {max_drop:g}: finding the layers to keep "
                   "in float (minutes to tens of minutes)", file=sys.stderr)
-            options = recipe(fp32, ranges)
+            options = recipe(fp32, ranges, hr_float)
             int8 = nncf.quantize_with_accuracy_control(
                 fp32.clone(), calibration_data, nncf.Dataset(validation_crops, lambda item: item[0]), validation_psnr,
                 max_drop=max_drop, drop_type=nncf.DropType.ABSOLUTE, subset_size=len(calibration_crops), preset=options["preset"],
@@ -402,6 +427,7 @@ def quantize(model: A2N, calibration: Sequence[str | os.PathLike], path: str | o
     int8.set_rt_info(weights_key(model), ["a2n", "weights_key"])
     int8.set_rt_info(f"{drop:.4f}", ["a2n", "held_out_drop_db"])
     int8.set_rt_info(ranges, ["a2n", "activation_ranges"])
+    int8.set_rt_info(str(hr_float).lower(), ["a2n", "hr_float"])
     path.parent.mkdir(parents=True, exist_ok=True)
     ov.save_model(int8, str(path), compress_to_fp16=False)
     cached = cache_dir() / int8_name(model)
@@ -414,7 +440,7 @@ def quantize(model: A2N, calibration: Sequence[str | os.PathLike], path: str | o
     folder = path.with_name(f"{path.stem}_stages")
     print(f"a2n: quantizing the tiled path's {len(model.blocks) + 2} stages the same way (for images too big for one "
           "forward)", file=sys.stderr)
-    stages_drop = quantize_stages(model, calibration_crops, validation_crops, folder, ranges)
+    stages_drop = quantize_stages(model, calibration_crops, validation_crops, folder, ranges, hr_float)
     if stages_drop > max(max_drop, drop):
         shutil.rmtree(folder)
         print(f"a2n: the INT8 stages lose {stages_drop:.3f} dB on the held-out crops: not kept, the tiles of big images "
