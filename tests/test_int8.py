@@ -290,7 +290,8 @@ def test_auto_prices_int8_at_the_largest_of_its_check_and_its_recorded_losses() 
 
 
 def test_a_recorded_benchmark_loss_raises_the_price(tmp_path: Path) -> None:
-    """record_benchmark_drop writes the cost into the file and into the cache folder's copy, which auto reads first."""
+    """record_benchmark_drop writes the cost into the file and into the cache folder's copy, which auto reads first and
+    whose bytes key auto's cached choice."""
     model = load_model(3)
     shipped = quantize.int8_file(model)
     path = tmp_path / "made" / shipped.name
@@ -298,7 +299,10 @@ def test_a_recorded_benchmark_loss_raises_the_price(tmp_path: Path) -> None:
         folder.mkdir(exist_ok=True)
         for suffix in (".xml", ".bin"):
             shutil.copy(shipped.with_suffix(suffix), (folder / shipped.name).with_suffix(suffix))
+    pairs = [("torch", "fp32"), ("openvino", "int8")]
+    before = auto.choice_key(model, "auto", "auto", pairs)
     quantize.record_benchmark_drop(path, 0.5, "Set5 +0.5000, Set14 +0.1000")
+    assert auto.choice_key(model, "auto", "auto", pairs) != before  # a remade file is priced and timed again
     assert quantize.recorded_drop(path, "benchmark_drop_db") == 0.5 and quantize.price(path) == 0.5
     assert quantize.int8_file(model) == tmp_path / "cache" / shipped.name and quantize.price(quantize.int8_file(model)) == 0.5
     assert quantize.held_out_drop(path) == quantize.held_out_drop(shipped)  # the rest of the file is kept
@@ -325,3 +329,12 @@ def test_later_int8_upscales_skip_torch(tmp_path: Path) -> None:
                           env={**os.environ, "A2N_CACHE_DIR": str(tmp_path / "cache")})
     assert done.returncode == 0 and done.stdout.splitlines()[-1] == "False", done.stderr
     assert (tmp_path / "second" / "a_x4.png").read_bytes() == (tmp_path / "first" / "a_x4.png").read_bytes()
+    shipped = quantize.int8_file(load_model(4))  # an INT8 file appears where int8_file looks first (a remade one would do the same)
+    for suffix in (".xml", ".bin"):
+        shutil.copy(shipped.with_suffix(suffix), (tmp_path / "cache" / shipped.name).with_suffix(suffix))
+    done = subprocess.run([sys.executable, "-c", code, *args, str(tmp_path / "third")], capture_output=True, text=True,
+                          env={**os.environ, "A2N_CACHE_DIR": str(tmp_path / "cache")})
+    assert done.returncode == 0 and done.stdout.splitlines()[-1] == "True", done.stderr  # the torch path chose again
+    (entry,) = json.loads((tmp_path / "cache" / "express.json").read_text()).values()
+    assert entry["model"] == str(tmp_path / "cache" / shipped.name)
+    assert (tmp_path / "third" / "a_x4.png").read_bytes() == (tmp_path / "first" / "a_x4.png").read_bytes()

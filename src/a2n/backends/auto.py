@@ -28,7 +28,7 @@ import numpy as np
 
 from a2n import A2NError, memory, tiling
 from a2n.backends import forward
-from a2n.backends.cache import cache_dir, machine_key, read_table, weights_key, write_table
+from a2n.backends.cache import cache_dir, file_key, machine_key, read_table, weights_key, write_table
 from a2n.backends.export import STAGES_FORMAT
 from a2n.backends.quantize import int8_file, int8_stages, price, require_int8, stages_price
 from a2n.backends.runtimes import BACKENDS, PRECISIONS, BackendError, Runner, candidates, openvino_precisions
@@ -112,8 +112,10 @@ def pairs_for(model: A2N, backend: str, precision: str, int8: bool = True) -> li
 
 
 def choice_key(model: A2N, backend: str, precision: str, pairs: list[tuple[str, str]]) -> str:
-    """auto.json's key of a whole-image choice: machine, weights, the request, and whether int8 was among the pairs."""
-    return f"{machine_key()}-{weights_key(model)}-{backend}-{precision}" + ("-int8" if ("openvino", "int8") in pairs else "")
+    """auto.json's key of a whole-image choice: machine, weights, the request, and which INT8 file was among the
+    pairs if one was (a remade file, as an upgrade may bring, is priced and timed again)."""
+    key = f"{machine_key()}-{weights_key(model)}-{backend}-{precision}"
+    return key + (f"-int8-{file_key(require_int8(model))}" if ("openvino", "int8") in pairs else "")
 
 
 def choose(model: A2N, backend: str = "auto", precision: str = "auto", int8: bool = True) -> tuple[str, str]:

@@ -19,6 +19,13 @@ def cache_dir() -> Path:
     return Path(os.environ.get("A2N_CACHE_DIR") or Path.home() / ".cache" / "a2n")
 
 
+def file_key(path: Path) -> str | None:
+    """A short hash of a file's bytes (None if there is no file): an entry keyed by it is made again when the file is
+    remade, as a new release's INT8 file would be."""
+    path = Path(path)
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
+
+
 def weights_key(model: A2N) -> str:
     """A short hash of the model's scale, variant, pixel range and weights."""
     h = hashlib.sha256(f"{model.scale} {model.variant} {model.pixel_range}".encode())

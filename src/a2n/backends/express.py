@@ -18,10 +18,10 @@ import numpy as np
 
 from a2n import memory, pixels, tiling
 from a2n.backends import auto, forward
-from a2n.backends.cache import cache_dir, machine_text, read_table, write_table
+from a2n.backends.cache import cache_dir, file_key, machine_text, read_table, write_table
 from a2n.backends.export import cached_onnx, stages_ready
 from a2n.backends.runtimes import BackendError, onnxruntime_forward, openvino_forward
-from a2n.backends.quantize import require_int8
+from a2n.backends.quantize import int8_file_keys, require_int8
 from a2n.backends.stages import ExportedStages
 
 if TYPE_CHECKING:
@@ -56,7 +56,7 @@ def remember_express(key: str, model: A2N, backend: str, precision: str) -> None
     forward.runner(model, backend, precision)  # raises here, before anything is recorded, when the pair cannot run
     path = require_int8(model) if precision == "int8" else cached_onnx(model)
     entry = {"backend": backend, "precision": precision, "model": str(path), "stages": str(forward.stages_path(model, tiled_precision or "fp32")),
-             "tiled": tiled, "tiled_precision": tiled_precision, "threads": torch.get_num_threads()}
+             "tiled": tiled, "tiled_precision": tiled_precision, "threads": torch.get_num_threads(), "int8_files": int8_file_keys(model)}
     path = cache_dir() / "express.json"
     table = read_table(path)
     if table.get(key) != entry:
@@ -73,8 +73,8 @@ def express_upscaler(key: str, scale: int, slow_path: Callable[[np.ndarray], np.
     slow_path (the torch model, loaded then) otherwise.
     """
     entry = read_table(cache_dir() / "express.json").get(key)
-    if entry is None:
-        return None
+    if entry is None or any(file_key(Path(p)) != k for p, k in entry.get("int8_files", {}).items()):
+        return None  # nothing recorded, or an INT8 file came, went or was remade since: the torch path chooses again
     path = Path(entry.get("model", ""))
     if not path.is_file():
         return None

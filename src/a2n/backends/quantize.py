@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
-from a2n.backends.cache import cache_dir, read_table, weights_key, write_table
+from a2n.backends.cache import cache_dir, file_key, read_table, weights_key, write_table
 from a2n.backends.export import export_stages, stages_ready
 from a2n.backends.runtimes import BackendError, openvino_core, require
 from a2n.backends.stages import ExportedStages, stage_names
@@ -67,6 +67,12 @@ def int8_file(model: A2N) -> Path | None:
         if path.is_file() and path.with_suffix(".bin").is_file():
             return path
     return None
+
+
+def int8_file_keys(model: A2N) -> dict[str, str | None]:
+    """Each place the model's INT8 file may be (int8_file) with a hash of the file there (None: none): the express
+    path's record of a choice is made again when this changes."""
+    return {str(folder / int8_name(model)): file_key(folder / int8_name(model)) for folder in (cache_dir(), PRETRAINED)}
 
 
 def int8_stages_name(model: A2N) -> str:
