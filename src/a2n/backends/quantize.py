@@ -233,25 +233,24 @@ def validation_psnr(compiled, items: list) -> tuple[float, list[float]]:
     return float(np.mean(values)), values
 
 
-def float_ops(model) -> Any:
-    """NNCF's ignored scope of the recipe (module docstring): FLOAT_OPS, and the convolutions that read the image.
-    In the tiled stages MatMul is also each block's last 1x1 convolution, run over the pixels (a2n.model): it stays
-    in float there too, which measured no slower on AVX2 (its INT8 GEMM ran slower than the float one)."""
-    return require_nncf().IgnoredScope(types=FLOAT_OPS, names=image_convs(model), validate=False)
+def float_ops(model, hr_float: bool = False) -> Any:
+    """NNCF's ignored scope of the recipe (module docstring): FLOAT_OPS, the convolutions that read the image, and
+    with hr_float the upsampling part's (hr_convs). In the tiled stages MatMul is also each block's last 1x1
+    convolution, run over the pixels (a2n.model): it stays in float there too, which measured no slower on AVX2 (its
+    INT8 GEMM ran slower than the float one)."""
+    names = image_convs(model) + (hr_convs(model) if hr_float else [])
+    return require_nncf().IgnoredScope(types=FLOAT_OPS, names=names, validate=False)
 
 
 def recipe(model, ranges: str = "min-max", hr_float: bool = False) -> dict[str, Any]:
-    """nncf.quantize's options for an OpenVINO model (module docstring): the mixed preset, float_ops in float (and
-    hr_float: the upsampling part's convolutions, hr_convs), and activation ranges from one of RANGES."""
+    """nncf.quantize's options for an OpenVINO model (module docstring): the mixed preset, float_ops(model, hr_float)
+    in float, and activation ranges from one of RANGES."""
     nncf = require_nncf()
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
     from nncf.quantization.range_estimator import RangeEstimatorParameters, RangeEstimatorParametersSet
 
     estimator = {"min-max": RangeEstimatorParametersSet.MINMAX, "mean": RangeEstimatorParameters()}[ranges]
-    ignored = float_ops(model)
-    if hr_float:
-        ignored = nncf.IgnoredScope(types=FLOAT_OPS, names=ignored.names + hr_convs(model), validate=False)
-    return {"preset": nncf.QuantizationPreset.MIXED, "ignored_scope": ignored,
+    return {"preset": nncf.QuantizationPreset.MIXED, "ignored_scope": float_ops(model, hr_float),
             "advanced_parameters": AdvancedQuantizationParameters(activations_range_estimator_params=estimator)}
 
 
