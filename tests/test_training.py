@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,9 @@ import torch
 from PIL import Image
 
 from a2n.data import DataError, PatchDataset, StepBatchSampler, dihedral
+from a2n.resize import imresize, modcrop
 from a2n.training import ConfigError, TrainingError, config_from_dict, load_config, lr_at, train
+from a2n.weights import read_checkpoint
 
 from conftest import BENCHMARK, need
 
@@ -175,6 +178,26 @@ def test_sampling_is_a_function_of_the_index(tmp_path: Path) -> None:
     assert first == [[40, 41, 42, 43], [44, 45, 46, 47]]
     img = np.arange(2 * 3 * 1).reshape(2, 3, 1)
     assert len({dihedral(img, k).tobytes() + bytes(dihedral(img, k).shape) for k in range(8)}) == 8
+
+
+def test_downscaled_copies_join_the_training_set(tmp_path: Path) -> None:
+    hr = make_images(tmp_path / "hr", n=2, size=60)
+    plain = PatchDataset([hr], 2, 12, cache_dir=tmp_path / "cache")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a copy smaller than a patch is left out quietly
+        ds = PatchDataset([hr], 2, 12, cache_dir=tmp_path / "cache", downscale=[0.8, 0.3])
+    assert len(plain.images) == 2 and len(ds.images) == 4 and ds.skipped == []  # 60 * 0.3 = 18 < 24: no copy
+    full = np.asarray(Image.open(hr / "img0.png").convert("RGB"))
+    small = modcrop(imresize(full, 0.8), 2)
+    lr, hr_copy = ds.images[ds.names.index(f"{hr / 'img0.png'} x0.8")]
+    assert hr_copy.shape == (48, 48, 3) and np.array_equal(hr_copy, small) and np.array_equal(lr, imresize(small, 0.5))
+    again = PatchDataset([hr], 2, 12, cache_dir=tmp_path / "cache", downscale=[0.8])  # from the cache: the same arrays
+    assert all(np.array_equal(a[1], b[1]) for a, b in zip(again.images, ds.images[:3]))
+    with pytest.raises(ConfigError, match="downscale lists factors between 0 and 1"):
+        config_from_dict({"downscale": [1.5]})
+    cfg = config_from_dict(base_config(tmp_path, iterations=1, downscale=[0.8], out_dir=str(tmp_path / "ds")))
+    train(cfg)
+    assert "HR copies downscaled by 0.8" in read_checkpoint(tmp_path / "ds" / "last.safetensors")[1]["trained"]
 
 
 def test_cosine_schedule() -> None:

@@ -24,24 +24,24 @@ class DataError(A2NError):
     """Training data that cannot be used: an empty folder, no usable images."""
 
 
-def _cached_lr(hr: np.ndarray, path: Path, scale: int, cache_dir: Path | None) -> np.ndarray:
-    """MATLAB-bicubic LR for an HR image, cached on disk by the file's content and the scale."""
+def _cached_resize(img: np.ndarray, path: Path, factor: float, tag: str, cache_dir: Path | None) -> np.ndarray:
+    """MATLAB-bicubic resize of an image by `factor`, cached on disk by the image's content and `tag`."""
     if cache_dir is None:
-        return imresize(hr, 1.0 / scale)
-    key = hashlib.sha1(hr.tobytes() + str(hr.shape).encode()).hexdigest()[:16]
-    cached = cache_dir / f"{path.stem}_{key}_x{scale}.npy"
+        return imresize(img, factor)
+    key = hashlib.sha1(img.tobytes() + str(img.shape).encode()).hexdigest()[:16]
+    cached = cache_dir / f"{path.stem}_{key}_{tag}.npy"
     if cached.is_file():
         try:
             return np.load(cached)
         except (OSError, ValueError):
             pass
-    lr = imresize(hr, 1.0 / scale)
+    out = imresize(img, factor)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
-        np.save(f, lr)
+        np.save(f, out)
     os.replace(tmp, cached)
-    return lr
+    return out
 
 
 class PatchDataset(Dataset):
@@ -49,7 +49,9 @@ class PatchDataset(Dataset):
 
     LR images come from `lr_dirs` (paired folders, `<name>x<scale>.png` or `<name>.png`) when given,
     otherwise from our MATLAB-exact resize (cached in `cache_dir`). Unreadable images and images
-    smaller than one patch are skipped with a warning; `skipped` lists them.
+    smaller than one patch are skipped with a warning; `skipped` lists them. `downscale` adds, for
+    each factor, a copy of every HR image shrunk by it (with its own LR), as VDSR, DRRN and IDN
+    enlarged the 291-image set; copies smaller than a patch are left out without a warning.
     """
 
     def __init__(
@@ -61,6 +63,7 @@ class PatchDataset(Dataset):
         lr_dirs: Sequence[str | os.PathLike] | None = None,
         cache_dir: str | os.PathLike | None = None,
         augment: bool = True,
+        downscale: Sequence[float] = (),
     ) -> None:
         self.scale, self.patch_size, self.seed, self.augment = scale, patch_size, seed, augment
         self.images: list[tuple[np.ndarray, np.ndarray]] = []
@@ -78,11 +81,12 @@ class PatchDataset(Dataset):
                 raise DataError(f"{hr_dir}: no training images (PNG, JPEG, WebP, TIFF, BMP) in this folder")
             for path in files:
                 try:
-                    hr = modcrop(io.read_rgb8(path), scale)
+                    full = io.read_rgb8(path)
+                    hr = modcrop(full, scale)
                     if lr_dirs is not None:
                         lr = self._paired_lr(Path(lr_dirs[i]), path, hr)
                     else:
-                        lr = _cached_lr(hr, path, scale, cache)
+                        lr = _cached_resize(hr, path, 1.0 / scale, f"x{scale}", cache)
                 except A2NError as exc:
                     self._skip(str(path), f"{exc}")
                     continue
@@ -91,6 +95,11 @@ class PatchDataset(Dataset):
                     continue
                 self.images.append((lr, hr))
                 self.names.append(str(path))
+                for factor in downscale:
+                    small = modcrop(_cached_resize(full, path, factor, f"s{factor:g}", cache), scale)
+                    if min(small.shape[:2]) >= patch_size * scale:
+                        self.images.append((_cached_resize(small, path, 1.0 / scale, f"x{scale}", cache), small))
+                        self.names.append(f"{path} x{factor:g}")
         if not self.images:
             raise DataError(f"no usable training images in {', '.join(map(str, hr_dirs))}")
 

@@ -55,6 +55,7 @@ class TrainConfig:
     train_dirs: list[str] = field(default_factory=lambda: ["../shared/data/train/T91/HR", "../shared/data/train/BSD200/HR"])
     lr_dirs: list[str] | None = None
     cache_dir: str | None = "runs/cache"
+    downscale: list[float] = field(default_factory=list)
     val_dir: str | None = "../shared/data/benchmark/Set5"
     out_dir: str = "runs/a2n_x2"
     init_weights: str | None = None
@@ -123,6 +124,8 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> TrainConfig
         raise ConfigError(f"{source}: variant must be a2n, a2n-m or additive, got {cfg.variant!r}")
     if cfg.precision not in ("auto", "bf16", "fp16", "fp32"):
         raise ConfigError(f"{source}: precision must be auto, bf16, fp16 or fp32, got {cfg.precision!r}")
+    if not all(isinstance(f, (int, float)) and 0 < f < 1 for f in cfg.downscale):
+        raise ConfigError(f"{source}: downscale lists factors between 0 and 1, e.g. [0.9, 0.8, 0.7, 0.6]")
     for key in ("patch_size", "batch_size", "iterations", "pixel_range"):
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"{source}: {key} must be positive")
@@ -391,7 +394,8 @@ def load_data(cfg: TrainConfig, procs: Processes) -> tuple[Dataset, int]:
     """The training patches (one dataset per scale, cycled step by step in joint runs) and the number of skipped images."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        datasets = [PatchDataset(cfg.train_dirs, s, cfg.patch_size, cfg.seed, cfg.lr_dirs, cfg.cache_dir) for s in run_scales(cfg)]
+        datasets = [PatchDataset(cfg.train_dirs, s, cfg.patch_size, cfg.seed, cfg.lr_dirs, cfg.cache_dir,
+                                 downscale=cfg.downscale) for s in run_scales(cfg)]
     if procs.main:
         for w in caught:
             print(f"warning: {w.message}", file=sys.stderr)
@@ -729,7 +733,8 @@ def export(run: Run, kind: str, scale: int, psnr: float) -> None:
     net = run.nets(run.ema_model if run.ema_model is not None else run.model)[scale]
     length = f"{cfg.time_budget_hours:g} h time budget" if cfg.time_budget_hours is not None else f"{cfg.iterations} iterations"
     recipe = cfg.recipe or (f"a2n train: {length}, batch {cfg.batch_size}, LR patch {cfg.patch_size}"
-                            + (f", one trunk for x{'/x'.join(map(str, run.scales))}" if run.joint else ""))
+                            + (f", one trunk for x{'/x'.join(map(str, run.scales))}" if run.joint else "")
+                            + (f", HR copies downscaled by {', '.join(f'{f:g}' for f in cfg.downscale)}" if cfg.downscale else ""))
     save_weights(net, run.out / name, trained=recipe, step=run.step, val_psnr=round(psnr, 4), val_dir=str(cfg.val_dir))
 
 
