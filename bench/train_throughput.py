@@ -3,9 +3,10 @@
 All run in this process on the same patches, alternating rounds so that load from other
 processes hits them alike. Prints patches/s for each and their ratio to the plain loop; the bf16
 row only where the CPU has native bf16 (which `precision: auto` then times against fp32, as here).
-With --compile one more row times the step under torch.compile (`compile: true`).
+With --compile one more row times the step under torch.compile (`compile: true`); with --bf16 the bf16 row
+runs on a CPU without native bf16 too (torch emulates it there: the row says what emulation costs).
 
-    python bench/train_throughput.py [--scale 4] [--batch 16] [--patch 48] [--rounds 3] [--steps 3] [--compile]
+    python bench/train_throughput.py [--scale 4] [--batch 16] [--patch 48] [--rounds 3] [--steps 3] [--compile] [--bf16]
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="also time the step under torch.compile")
+    ap.add_argument("--bf16", action="store_true", help="time the bf16 row even where torch emulates bf16 (slow)")
     args = ap.parse_args()
 
     torch.manual_seed(0)
@@ -56,10 +58,11 @@ def main() -> None:
         return step
 
     auto = autocast_dtype("auto", torch.device("cpu"))  # bf16 where native: the candidate `precision: auto` times
+    bf16 = auto or (torch.bfloat16 if args.bf16 else None)
     steps = {"plain fp32 NCHW eager": make_step(torch.contiguous_format, None),
              "a2n train step, fp32, channels_last": make_step(torch.channels_last, None)}
-    if auto is not None:
-        steps["a2n train step, bf16 autocast, channels_last"] = make_step(torch.channels_last, auto)
+    if bf16 is not None:
+        steps["a2n train step, bf16 autocast, channels_last"] = make_step(torch.channels_last, bf16)
     for fn in steps.values():
         fn()  # warm-up
     compile_seconds = 0.0
@@ -80,12 +83,13 @@ def main() -> None:
     rates = {k: n / t for k, t in times.items()}
     base = rates["plain fp32 NCHW eager"]
     print(f"x{args.scale}, batch {args.batch}, LR patch {args.patch}, {torch.get_num_threads()} threads, "
-          f"CPU native bf16: {native_bf16()}" + ("" if auto else " (no bf16 row: torch would emulate it, ~100x slower)"))
+          f"CPU native bf16: {native_bf16()}" + ("" if bf16 else " (no bf16 row: torch would emulate it; --bf16 times it anyway)"))
     for k, r in rates.items():
         print(f"{k:<50} {r:7.2f} patches/s  {r / base:5.2f}x")
-    if auto is not None:
-        fp32, bf16 = rates["a2n train step, fp32, channels_last"], rates["a2n train step, bf16 autocast, channels_last"]
-        print(f"bf16 / fp32: {bf16 / fp32:.2f}x: `precision: auto` would train in {'bf16' if bf16 > fp32 else 'fp32'} here")
+    if bf16 is not None:
+        fp32_rate, bf16_rate = rates["a2n train step, fp32, channels_last"], rates["a2n train step, bf16 autocast, channels_last"]
+        choice = ("bf16" if bf16_rate > fp32_rate else "fp32") if auto else "fp32 (no native bf16: it does not time bf16)"
+        print(f"bf16 / fp32: {bf16_rate / fp32_rate:.3f}x: `precision: auto` would train in {choice} here")
     if args.compile:
         print(f"torch.compile took {compile_seconds:.0f} s for its first step (compiling)")
 
