@@ -49,12 +49,13 @@ def main() -> None:
     ap.add_argument("--scale", type=int, default=2, choices=(2, 3, 4))
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--out", type=Path, default=Path("runs/parity"))
-    ap.add_argument("--emulated", action="store_true", help="run even though this CPU has no native bf16 (a bf16 step about 12x slower)")
+    ap.add_argument("--emulated", action="store_true",
+                    help="run even though this CPU has no native bf16 (a bf16 step about 12x slower)")
     ap.add_argument("overrides", nargs="*", help="further config overrides, key=value (e.g. batch_size=8)")
     args = ap.parse_args()
     if not native_bf16() and not args.emulated:
-        sys.exit("this CPU has no native bf16 (AVX512-BF16 or AMX): torch would emulate it, a training step about 12x slower. "
-                 "Run the probe on a CPU with native bf16, or pass --emulated to try it with a few steps.")
+        sys.exit("this CPU has no native bf16 (AVX512-BF16 or AMX): torch would emulate it, a training step about "
+                 "12x slower. Run the probe on a CPU with native bf16, or pass --emulated to try it with a few steps.")
     if not all((BENCHMARK / s / "HR").is_dir() for s in SETS):
         sys.exit(f"{BENCHMARK}: Set5 and Set14 are needed (run from the repository root, with ../shared beside it)")
 
