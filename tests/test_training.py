@@ -358,7 +358,9 @@ def test_every_shipped_config_loads_and_trains_at_255(name: str) -> None:
 
 
 def budget_config(tmp_path: Path, seconds: float, **extra) -> dict:
-    """A tiny run with a time budget of `seconds`; iterations only sets the warm-up's share (2/8 of the budget)."""
+    """A tiny run with a time budget of `seconds`; iterations only sets the warm-up's share (2/8 of the budget).
+    Its tests run torch on one thread: two threads beside another busy test worker on two cores made one tiny
+    step take 4.9 s (an AMX Xeon, stop 33), and these tests time steps against the budget."""
     return base_config(tmp_path, time_budget_hours=seconds / 3600, iterations=8, warmup=2, min_lr=1e-6, workers=0,
                        log_every=1, save_every=1000, **extra)
 
@@ -381,7 +383,7 @@ def assert_lr_follows_the_clock(records: list[dict], cfg, since: float = 0.0) ->
         before = r["time"]
 
 
-def test_time_budget_ends_on_time_with_best_and_last_files(tmp_path: Path) -> None:
+def test_time_budget_ends_on_time_with_best_and_last_files(tmp_path: Path, one_thread: None) -> None:
     """A 5-second budget: the lr follows elapsed time over the budget down to about min_lr, the run stops once
     the budget is spent (validation counted) and writes best and last files."""
     from a2n.training import lr_at_time
@@ -406,7 +408,7 @@ def test_time_budget_ends_on_time_with_best_and_last_files(tmp_path: Path) -> No
     assert vals[-1]["step"] == summary["step"]  # the last step is validated, whatever val_every says
 
 
-def test_time_budget_resume_restores_elapsed_time(tmp_path: Path) -> None:
+def test_time_budget_resume_restores_elapsed_time(tmp_path: Path, one_thread: None) -> None:
     """SIGTERM part-way through a budget, then --resume: the clock goes on from the checkpoint's elapsed time,
     the lr from the schedule at that time, and the run ends when the same budget is spent."""
     import threading
