@@ -27,6 +27,7 @@ PATCH = (slice(6, 26), slice(8, 32))  # rows, columns of a flat patch in the sou
 PATCH_RGB = (200, 60, 90)
 FPS = 24
 OPTIONS = {"backend": "torch", "precision": "fp32", "progress": False, "segment_seconds": 0.25}
+LOSSLESS = {**OPTIONS, "codec": "ffv1"}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -136,6 +137,15 @@ def clip(tmp_path_factory: pytest.TempPathFactory, model: torch.nn.Module) -> tu
     return source, folder / "clip_x2.mp4"
 
 
+@pytest.fixture(scope="module")
+def lossless(tmp_path_factory: pytest.TempPathFactory, clip: tuple[Path, Path], model: torch.nn.Module) -> tuple[Path, Path]:
+    """The clip and its uninterrupted x2 output in FFV1, for comparing runs bit for bit: libx264 is not
+    deterministic run to run on CPUs with AVX-512 (README, Video), FFV1 is."""
+    out = tmp_path_factory.mktemp("lossless") / "clip_x2.mp4"
+    assert upscale_video(clip[0], out, model, **LOSSLESS) == out
+    return clip[0], out
+
+
 def test_frames_timing_sound_and_tags_are_kept(clip: tuple[Path, Path]) -> None:
     source, out = clip
     before, after = decode(source), decode(out)
@@ -159,9 +169,9 @@ def test_flat_colour_keeps_its_value(clip: tuple[Path, Path]) -> None:
         assert np.abs(patch_value(after, 2) - patch_value(before, 1)).max() <= 1.0
 
 
-def test_resume_gives_the_uninterrupted_output(clip: tuple[Path, Path], model: torch.nn.Module, tmp_path: Path,
+def test_resume_gives_the_uninterrupted_output(lossless: tuple[Path, Path], model: torch.nn.Module, tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
-    source, whole = clip
+    source, whole = lossless
     out = tmp_path / "resumed.mp4"
     finish = video._Segment.finish
 
@@ -172,13 +182,13 @@ def test_resume_gives_the_uninterrupted_output(clip: tuple[Path, Path], model: t
 
     monkeypatch.setattr(video._Segment, "finish", interrupt_after_two)
     with pytest.raises(KeyboardInterrupt):
-        upscale_video(source, out, model, **OPTIONS)
+        upscale_video(source, out, model, **LOSSLESS)
     assert "run the same command with --resume" in capsys.readouterr().err
     assert not out.exists()
     with pytest.raises(VideoError, match="pass --resume to continue it"):
-        upscale_video(source, out, model, **OPTIONS)
+        upscale_video(source, out, model, **LOSSLESS)
     with pytest.raises(VideoError, match=r"was made with other settings \(encoding\); run with the same options"):
-        upscale_video(source, out, model, resume=True, crf=30, **OPTIONS)
+        upscale_video(source, out, model, resume=True, **{**LOSSLESS, "codec": "libx264"})
     monkeypatch.setattr(video._Segment, "finish", finish)
     encoded = []
     add = video._Segment.add
@@ -188,19 +198,19 @@ def test_resume_gives_the_uninterrupted_output(clip: tuple[Path, Path], model: t
         add(segment, pts, duration, rgb)
 
     monkeypatch.setattr(video._Segment, "add", count)
-    upscale_video(source, out, model, resume=True, **OPTIONS)
+    upscale_video(source, out, model, resume=True, **LOSSLESS)
     assert len(encoded) == 4  # segments of 6 frames: the first two were not done again
     assert all(np.array_equal(a.to_ndarray(format="rgb24"), b.to_ndarray(format="rgb24")) for a, b in zip(decode(out), decode(whole)))
     assert [f.pts for f in decode(out)] == [f.pts for f in decode(whole)]
     assert packets(out, "video") == packets(whole, "video")
 
 
-def test_two_processes_share_one_clip(clip: tuple[Path, Path], model: torch.nn.Module, tmp_path: Path) -> None:
-    source, whole = clip
+def test_two_processes_share_one_clip(lossless: tuple[Path, Path], model: torch.nn.Module, tmp_path: Path) -> None:
+    source, whole = lossless
     out = tmp_path / "shared.mp4"
-    assert upscale_video(source, out, model, shard=(1, 2), **OPTIONS) is None  # rank 1 encodes its segments and leaves
+    assert upscale_video(source, out, model, shard=(1, 2), **LOSSLESS) is None  # rank 1 encodes its segments and leaves
     assert not out.exists()
-    assert upscale_video(source, out, model, shard=(0, 2), **OPTIONS) == out  # rank 0 encodes the rest and joins
+    assert upscale_video(source, out, model, shard=(0, 2), **LOSSLESS) == out  # rank 0 encodes the rest and joins
     assert packets(out, "video") == packets(whole, "video")
 
 

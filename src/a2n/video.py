@@ -12,6 +12,8 @@ How a clip goes through (PyAV, whose wheels bundle FFmpeg's libraries):
   hidden work folder next to the output (.<name>.a2n-work). A segment counts as finished once its
   manifest is written, so an interrupted run continues with --resume from the first unfinished one,
   and processes of torchrun (RANK, WORLD_SIZE) take every WORLD_SIZE-th segment of the same clip.
+  The result equals an uninterrupted run's bit for bit where the encoder is deterministic (libx264's
+  AVX-512 routines are not: README, Video).
 - Join: the segments' packets are concatenated without re-encoding, interleaved with the source's
   audio and subtitle packets copied as they are (audio the output container cannot hold is
   transcoded, subtitles it cannot hold are dropped, each with a one-line note); the result is
