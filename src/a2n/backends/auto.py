@@ -42,7 +42,10 @@ MAX_COST_DB = 0.02  # the most PSNR a precision may cost on the ground-truth che
 MIN_FIDELITY_DB = 45.0  # tiles: a backend whose tiled output is further than this from fp32 is broken, never chosen
 PREFER_MARGIN = 0.1  # on tiles, auto keeps its whole-image backend unless another is 10% faster
 PROBE_SIZE = 128  # LR side of the image auto times each candidate on (a crop of the packaged sample)
-TILED_PROBE_SIZE, TILED_PROBE_TILE = 256, tiling.MAX_TILE  # the same for the tiled path: 4 tiles of the largest size
+# the same for the tiled path: 16 tiles of the largest size. With 4 (a 256 image) torch bf16 won the probe on an
+# AMX Xeon and then ran big images 13% slower than OpenVINO; from 512 on the order is that of big images
+# (bench/tile_probe.py, bench/RESULTS.md "Big images")
+TILED_PROBE_SIZE, TILED_PROBE_TILE = 512, tiling.MAX_TILE
 
 _choices: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {request: choice}, so a folder looks it up once
 _tiled_choices: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {precision: backend on tiles}
@@ -285,10 +288,11 @@ def _timed(run: Runner, x: torch.Tensor) -> float:
 
 
 def tiled_key(model: A2N, precision: str = "fp32") -> str:
-    """The auto.json key of the tiled path's choice: machine, weights, precision, the stages' format and the
-    tiles each backend runs at once (a change to either is timed again)."""
+    """The auto.json key of the tiled path's choice: machine, weights, precision, the stages' format, the
+    tiles each backend runs at once and the probe's size (a change to any is timed again)."""
     in_flight = "".join(str(memory.TILES_IN_FLIGHT[b]) for b in sorted(memory.TILES_IN_FLIGHT))
-    return f"{machine_key()}-{weights_key(model)}-tiled{STAGES_FORMAT}-{in_flight}-{precision}"
+    probe = f"probe{TILED_PROBE_SIZE}t{TILED_PROBE_TILE}"
+    return f"{machine_key()}-{weights_key(model)}-tiled{STAGES_FORMAT}-{in_flight}-{probe}-{precision}"
 
 
 def choose_tiled(model: A2N, precision: str = "fp32", prefer: str | None = None) -> str:
