@@ -45,7 +45,7 @@ def encode(frames: list[np.ndarray], codec: str, options: dict[str, str]) -> tup
     buf, digest = io.BytesIO(), hashlib.sha1()
     with av.open(buf, "w", format="mp4") as out:
         stream = out.add_stream(codec)
-        stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p" if codec == "libx264" else stream.pix_fmt
+        stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
         stream.time_base = TIME_BASE
         stream.codec_context.time_base, stream.codec_context.framerate = TIME_BASE, Fraction(FPS)
         stream.codec_context.options = options
@@ -95,7 +95,7 @@ def main() -> None:
         masked = without_avx512() if codec == "libx264" else None
         if masked:
             cases.append((codec, "AVX-512 masked off", {**options, "x264-params": f"asm={masked}"}))
-        rows += [(name, asm, opts) for name, asm, opts in cases]
+        rows += cases
     burner = threading.Thread(target=burn)
     burner.start()
     try:
