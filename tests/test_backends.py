@@ -412,6 +412,27 @@ def test_openvino_stages_compile_per_shape_keep_few_and_share_across_threads(mod
         stages.block(0, np.zeros((1, 40, side, side), np.float32), pooled.numpy(), (slice(0, side), slice(0, side)))
     assert [shapes[0] for shapes in block.compiled] == [(1, 10, 10, 40), (1, 11, 11, 40)][-block.KEEP_SHAPES:]
 
+def test_openvino_stages_move_feature_maps_as_bf16_bits(model: A2N, tmp_path: Path) -> None:
+    """At bf16 the tiled stages on OpenVINO take and give feature maps as bf16 (uint16 arrays of its bits), half
+    the bytes of float32; the pooled sums stay float. The ports are checked at fp32 inside, which every CPU runs:
+    the block's output is the float32 stage's output on the same input, rounded to bf16."""
+    from a2n.backends.stages import MAP_PORTS, OpenVINOStage
+
+    folder = export_stages(model, tmp_path / "stages")
+    bits = (np.random.default_rng(5).random((1, 12, 14, 40), dtype=np.float32) * 4).view(np.uint32) >> 16
+    part, bf16_part = (bits << 16).view(np.float32), bits.astype(np.uint16)  # the same values, float32 and bf16
+    pooled, rows, cols = part.mean(axis=(1, 2)), np.ones(12, np.float32), np.ones(14, np.float32)
+    ref, ref_sum = OpenVINOStage(folder / "block00.onnx", 1)(part, pooled, rows, cols)
+    out, summed = OpenVINOStage(folder / "block00.onnx", 1, bf16_ports=MAP_PORTS)(bf16_part, pooled, rows, cols)
+    assert out.dtype == np.uint16 and out.shape == ref.shape and summed.dtype == np.float32
+    widened = (out.astype(np.uint32) << 16).view(np.float32)
+    assert np.abs(widened - ref).max() <= np.abs(ref).max() * 2**-8  # bf16 keeps 8 bits of mantissa
+    assert 0 < np.abs(widened - ref).max() and np.allclose(summed, ref_sum, rtol=1e-5)
+    if "bf16" in runtimes.openvino_precisions():
+        assert backends.ExportedStages(folder, "openvino", 1, "bf16").features(4, 4).dtype == np.uint16
+    assert backends.ExportedStages(folder, "openvino", 1).features(4, 4).dtype == np.float32
+
+
 
 def test_big_images_take_the_auto_backend_in_the_api_and_the_cli(weights: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """One default: a2n.upscale and a2n upscale both run auto, and an image over the budget tiles on auto's choice."""
