@@ -94,8 +94,8 @@ class ExportedStages:
 
     Feature maps are channels-last in memory, as the exported stages take them, and indexed 1 x C x H x W
     here (a transposed view). At bf16 on OpenVINO they are bf16 (uint16 arrays of its bits): the stages
-    compute in bf16 and would round them there anyway, and moving half the bytes made a 768x1024 image's
-    tiles 1.15x faster (bench/RESULTS.md). OpenVINO runs memory.TILES_IN_FLIGHT tiles at once on as many streams
+    compute in bf16 and would round them there anyway, and moving half the bytes with no conversions made
+    big images' tiles about 1.2x faster (bench/RESULTS.md, Big images). OpenVINO runs memory.TILES_IN_FLIGHT tiles at once on as many streams
     (given two threads or more); ONNX Runtime as many on one session, each call on its share of the
     threads.
     """
