@@ -412,6 +412,19 @@ def test_openvino_stages_compile_per_shape_keep_few_and_share_across_threads(mod
         stages.block(0, np.zeros((1, 40, side, side), np.float32), pooled.numpy(), (slice(0, side), slice(0, side)))
     assert [shapes[0] for shapes in block.compiled] == [(1, 10, 10, 40), (1, 11, 11, 40)][-block.KEEP_SHAPES:]
 
+def test_stages_of_the_last_two_formats_run_and_older_ones_are_remade(model: A2N, tmp_path: Path) -> None:
+    """New exports are at STAGES_FORMAT; format 3 (the masked sums, as the INT8 stages shipped before it) differs only
+    inside the sums' graphs and still runs; anything older is remade."""
+    from a2n.backends.export import STAGES_FORMAT, stages_ready
+
+    folder = export_stages(model, tmp_path / "stages")
+    meta = json.loads((folder / "stages.json").read_text())
+    assert meta["format"] == STAGES_FORMAT == 4 and stages_ready(folder)
+    for fmt, ready in ((3, True), (2, False)):
+        (folder / "stages.json").write_text(json.dumps({**meta, "format": fmt}))
+        assert stages_ready(folder) is ready
+
+
 def test_openvino_stages_move_feature_maps_as_bf16_bits(model: A2N, tmp_path: Path) -> None:
     """At bf16 the tiled stages on OpenVINO take and give feature maps as bf16 (uint16 arrays of its bits), half
     the bytes of float32; the pooled sums stay float. The ports are checked at fp32 inside, which every CPU runs:

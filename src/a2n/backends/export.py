@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 FORMATS: tuple[str, ...] = ("onnx", "openvino")
 EXPORT_TOLERANCE = 1e-4
 OPSET = 17
-STAGES_FORMAT = 3  # stages.json's format: 2 since the head and the blocks sum the next entry themselves, 3 channels-last maps
+STAGES_FORMAT = 4  # stages.json's format: 2 since the head and the blocks sum the next entry themselves, 3 channels-last maps, 4 sums by matmul
+READABLE_FORMATS = (3, 4)  # 4 differs from 3 only inside the sums' graphs, so INT8 stages made at 3 still run
 
 
 class ExportError(A2NError):
@@ -137,8 +138,9 @@ def export_stages(model: A2N, folder: str | os.PathLike) -> Path:
 
 
 def stages_ready(folder: Path) -> bool:
-    """Whether folder holds stages that this version exports (older formats are remade)."""
-    return read_table(folder / "stages.json").get("format") == STAGES_FORMAT
+    """Whether folder holds stages that this version runs (older formats are remade; the cache's exports are
+    in folders named by STAGES_FORMAT, so they are made at the newest)."""
+    return read_table(folder / "stages.json").get("format") in READABLE_FORMATS
 
 
 def stages_folder(model: A2N) -> Path:
