@@ -204,7 +204,7 @@ def entry_sum(block: AAB, fea: torch.Tensor, rows: torch.Tensor, cols: torch.Ten
 
     The tiled path sums each block's entry over whole tiles this way inside the previous stage's
     graph, on features that are still in cache, rather than in a separate pass; by two matmuls (cols along each
-    row, then rows), which cost a block stage a third of what masking the map and summing it did."""
+    row, then rows), which cost a block stage two-thirds of what masking the map and summing it did."""
     y = block.lrelu(pixelwise(fea, block.conv_first))
     n, h, w, c = y.shape
     per_row = torch.matmul(cols.view(1, 1, 1, w), y).view(n, h, c)
