@@ -390,27 +390,38 @@ def test_a_fresh_process_runs_two_openvino_tiles_at_once_without_hanging(model: 
 
 def test_openvino_stages_compile_per_shape_keep_few_and_share_across_threads(model: A2N, tmp_path: Path) -> None:
     """A tiled stage on OpenVINO compiles once per input shape (static shapes), keeps at most KEEP_SHAPES,
-    takes features channels-last, and gives each of several threads its own infer request."""
+    takes features channels-last, writes a block's output in place into the window it is given, and gives
+    each of several threads its own infer request; a request that wrote into given arrays is not reused by
+    a call that gives none (it would write into them again)."""
     from concurrent.futures import ThreadPoolExecutor
+
+    from a2n.backends.stages import _masks
 
     stages = backends.ExportedStages(export_stages(model, tmp_path / "stages"), "openvino", 1)
     block = stages.runs["block00"]
-    part = torch.rand(1, 40, 12, 14)
-    pooled = part.mean(dim=(2, 3))
+    part = stages.features(12, 14)
+    part[...] = torch.rand(1, 40, 12, 14).numpy()
+    pooled = part.mean(axis=(2, 3)).astype(np.float32)
     inner = (slice(2, 10), slice(2, 12))
     with torch.inference_mode():
-        ref = model.blocks[0].mix(part, model.blocks[0].entry(part), pooled)
+        ref = model.blocks[0].mix(torch.from_numpy(part.copy()), model.blocks[0].entry(torch.from_numpy(part.copy())), torch.from_numpy(pooled))
         ref_sum = model.blocks[1].entry(ref[:, :, inner[0], inner[1]]).sum(dim=(0, 2, 3))
+    outs = [stages.features(12, 14) for _ in range(8)]
     with ThreadPoolExecutor(4) as pool:
-        results = list(pool.map(lambda _: stages.block(0, part.numpy(), pooled.numpy(), inner), range(8)))
-    for out, summed in results:
-        assert np.abs(out - ref[:, :, inner[0], inner[1]].numpy()).max() <= 1e-4
+        sums = list(pool.map(lambda out: stages.block(0, part, pooled, inner, out), outs))
+    for out, summed in zip(outs, sums):
+        assert np.abs(out - ref.numpy()).max() <= 1e-4  # the whole window, written in place
         assert np.allclose(summed, ref_sum.numpy(), rtol=1e-4, atol=1e-3)
     assert list(block.compiled) == [((1, 12, 14, 40), (1, 40), (12,), (14,))]  # one shape, channels-last
-    assert 1 <= len(block.compiled[next(iter(block.compiled))][1]) <= 4  # requests kept for reuse, one per thread at most
+    idle = block.compiled[next(iter(block.compiled))][1]
+    assert 1 <= len(idle[1]) <= 4  # requests kept for reuse, one per thread at most
+    kept = outs[0].copy()
+    got = block(stages._send(part), pooled, *_masks(part.shape, inner))  # no arrays given: a copy
+    assert np.array_equal(outs[0], kept) and np.abs(got[0].transpose(0, 3, 1, 2) - ref.numpy()).max() <= 1e-4
     for side in (9, 10, 11):
-        stages.block(0, np.zeros((1, 40, side, side), np.float32), pooled.numpy(), (slice(0, side), slice(0, side)))
+        stages.block(0, stages.features(side, side), pooled, (slice(0, side), slice(0, side)), stages.features(side, side))
     assert [shapes[0] for shapes in block.compiled] == [(1, 10, 10, 40), (1, 11, 11, 40)][-block.KEEP_SHAPES:]
+
 
 def test_stages_of_the_last_two_formats_run_and_older_ones_are_remade(model: A2N, tmp_path: Path) -> None:
     """New exports are at STAGES_FORMAT; format 3 (the masked sums, as the INT8 stages shipped before it) differs only

@@ -33,12 +33,21 @@ def to_planes(rgb: np.ndarray) -> np.ndarray:
 
 def from_planes(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """1x3xHxW float32 array in 0..1 -> HxWx3 array of dtype: uint8 and uint16 rounded, floats clipped to 0..1."""
+    out = np.empty((*x.shape[2:], 3), dtype)
+    write_planes(x, out)
+    return out
+
+
+def write_planes(x: np.ndarray, target: np.ndarray) -> None:
+    """from_planes into an existing HxWx3 array (a view of a bigger one is fine), converting to its dtype."""
     hwc = x[0].transpose(1, 2, 0)
-    if dtype == np.uint8:
-        return np.clip(np.round(hwc * np.float32(255.0)), 0, 255).astype(np.uint8)
-    if dtype == np.uint16:
-        return np.clip(np.round(hwc * np.float32(65535.0)), 0, 65535).astype(np.uint16)
-    return np.clip(hwc, 0, 1).astype(dtype)
+    if target.dtype in (np.uint8, np.uint16):
+        top = np.float32(np.iinfo(target.dtype).max)
+        scaled = np.multiply(hwc, top, dtype=np.float32)
+        np.rint(scaled, out=scaled)  # half to even, as np.round
+        target[...] = np.clip(scaled, 0, top, out=scaled)
+    else:
+        target[...] = np.clip(hwc, 0, 1)
 
 
 def upscale_channel(channel: np.ndarray, scale: int) -> np.ndarray:

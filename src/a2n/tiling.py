@@ -8,6 +8,11 @@ the exact pooled mean of its entry features, and keeps only their interiors; the
 made them. The reconstruction is local, so it runs on tiles with a halo too and writes straight
 into the output array. A tiled run equals the whole-image forward up to float rounding.
 
+The feature map is kept as one window per tile (its tile grown by the block's halo), in pairs: a
+block stage reads a tile's window and writes the next block's into the other of its pair, where a
+runtime can write it in place; before the next block, each window's rim is filled from the
+interiors of the tiles it overlaps. Only those rims are copied between blocks, not whole windows.
+
 The stages themselves (head, block, tail) run wherever a `Stages` object puts them: on torch, or
 on ONNX Runtime / OpenVINO from an export (a2n.backends); this module only cuts and stitches.
 Tiles of one pass are independent, so a backend that runs several at once (OpenVINO's streams)
@@ -24,7 +29,7 @@ from typing import Any, Callable, Iterable, Iterator, Protocol
 import numpy as np
 
 from a2n import A2NError, memory
-from a2n.pixels import from_planes
+from a2n.pixels import write_planes
 
 Box = tuple[slice, slice]
 
@@ -41,12 +46,14 @@ class MemoryBudgetError(A2NError):
 class Stages(Protocol):
     """The pieces of an A2N forward that tiling calls, on 1 x C x H x W arrays of one kind (torch or numpy).
 
-    head: (image window in 0..1, inner box) -> (shallow features of the inner box, block 0's entry
-    summed over it); block: (k, feature window, pooled mean 1 x C float32, inner box) -> (block k's
-    output on the inner box, block k+1's entry summed over it, None after the last block); sums are
-    per channel, float64. tail: (image window, trunk features) -> SR window in 0..1; prepare: numpy
-    input planes to the stages' kind; features: an empty feature map; to_numpy: an SR part as
-    float32 numpy planes. parallel: how many tiles the stages run at once, from as many threads.
+    head: (image window in 0..1, inner box, into) -> block 0's entry summed over the inner box, with the
+    shallow features of the window written into `into`; block: (k, feature window, pooled mean 1 x C
+    float32, inner box, into) -> block k+1's entry summed over the inner box (None after the last
+    block), with block k's output on the window written into `into`; sums are per channel, float64.
+    Only the inner box of what a stage writes is used. tail: (image window, trunk features) -> SR
+    window in 0..1 (which a later tail call on the same thread may overwrite); prepare: numpy input planes to the stages' kind; features: an empty feature map
+    (a window); to_numpy: an SR part as float32 numpy planes. parallel: how many tiles the stages run
+    at once, from as many threads.
     """
 
     scale: int
@@ -56,8 +63,8 @@ class Stages(Protocol):
 
     def prepare(self, x: np.ndarray) -> Any: ...
     def features(self, height: int, width: int) -> Any: ...
-    def head(self, x: Any, inner: Box) -> tuple[Any, np.ndarray]: ...
-    def block(self, k: int, part: Any, pooled: np.ndarray, inner: Box) -> tuple[Any, np.ndarray | None]: ...
+    def head(self, x: Any, inner: Box, into: Any) -> np.ndarray: ...
+    def block(self, k: int, part: Any, pooled: np.ndarray, inner: Box, into: Any) -> np.ndarray | None: ...
     def tail(self, x: Any, fea: Any) -> Any: ...
     def to_numpy(self, sr: Any) -> np.ndarray: ...
 
@@ -67,24 +74,31 @@ def plan_tile(height: int, width: int, scale: int, channels: int, max_memory: fl
     """Tile side (input pixels) that keeps peak memory under max_memory GiB; None means one whole-image forward.
 
     max_memory defaults to half of the memory available now; backend is where the tiles run (they
-    differ in memory). Counts the two LR feature maps of the tiled trunk, the input and the output
-    array, and the working set of the tiles in flight at once. whole=False always plans tiles (the
-    caller has found that the whole image does not fit on the backend of its whole-image forward).
+    differ in memory). Counts the tiled trunk's feature windows (two per tile, each its tile plus the
+    block halo), the input and the output array, and the working set of the tiles in flight at once.
+    whole=False always plans tiles (the caller has found that the whole image does not fit on the
+    backend of its whole-image forward).
     """
     budget = memory.budget_bytes(max_memory, available)
     s2 = scale**2
     if whole and memory.forward_bytes(height, width, scale, backend) <= budget:
         return None
-    fixed = height * width * (2 * channels * 4 + 3 * 4 + 3 * s2 * out_itemsize)
     per_pixel = memory.tile_bytes_per_out_pixel(backend) * s2
-    tile = int(math.sqrt(max(budget - fixed, 0) / per_pixel)) - 2 * TAIL_HALO
-    if tile < MIN_TILE:
-        need = (fixed + per_pixel * (MIN_TILE + 2 * TAIL_HALO) ** 2) / 2**30
-        raise MemoryBudgetError(
-            f"a {width}x{height} image at x{scale} needs about {need:.1f} GiB "
-            f"but the budget is {budget / 2**30:.1f} GiB; raise --max-memory or split the image"
-        )
-    return min(tile, MAX_TILE)
+
+    def need(tile: int) -> int:
+        ny, nx = math.ceil(height / tile), math.ceil(width / tile)
+        windows = ny * (math.ceil(height / ny) + 2 * BLOCK_HALO) * nx * (math.ceil(width / nx) + 2 * BLOCK_HALO)
+        fixed = 2 * channels * 4 * windows + height * width * (3 * 4 + 3 * s2 * out_itemsize)
+        return int(fixed + per_pixel * (tile + 2 * TAIL_HALO) ** 2)
+
+    sides = range(MAX_TILE, MIN_TILE - 1, -1)
+    for tile in sides:
+        if need(tile) <= budget:
+            return tile
+    raise MemoryBudgetError(  # the least need is not at MIN_TILE: small tiles' windows overlap more
+        f"a {width}x{height} image at x{scale} needs about {min(map(need, sides)) / 2**30:.1f} GiB "
+        f"but the budget is {budget / 2**30:.1f} GiB; raise --max-memory or split the image"
+    )
 
 
 def cuts(length: int, tile: int) -> list[slice]:
@@ -126,27 +140,53 @@ def scaled(box: Box, s: int) -> Box:
     return slice(box[0].start * s, box[0].stop * s), slice(box[1].start * s, box[1].stop * s)
 
 
+def pieces(window: Box, rows: list[slice], cols: list[slice], windows: list[Box]) -> list[tuple[int, Box, Box]]:
+    """Where a window's pixels lie in the tiles' windows: (tile, part of window, the same part in that tile's window)
+    for every tile of the grid rows x cols whose box overlaps window (each tile's box within windows[tile])."""
+
+    def meet(a: slice, b: slice) -> slice | None:
+        part = slice(max(a.start, b.start), min(a.stop, b.stop))
+        return part if part.start < part.stop else None
+
+    def local(part: Box, origin: Box) -> Box:
+        return (slice(part[0].start - origin[0].start, part[0].stop - origin[0].start),
+                slice(part[1].start - origin[1].start, part[1].stop - origin[1].start))
+
+    ys = [(r, part) for r, cut in enumerate(rows) if (part := meet(cut, window[0]))]
+    xs = [(c, part) for c, cut in enumerate(cols) if (part := meet(cut, window[1]))]
+    found = []
+    for r, py in ys:
+        for c, px in xs:
+            j = r * len(cols) + c
+            found.append((j, local((py, px), window), local((py, px), windows[j])))
+    return found
+
+
 def run_tiled(stages: Stages, x: np.ndarray, out: np.ndarray, tile: int, progress: bool | None = False) -> None:
     """Run the stages on 1x3xHxW float32 planes tile by tile, writing the result into out ((sH)x(sW)x3, any dtype).
 
-    Peak memory is two LR feature maps plus the working set of stages.parallel tiles. progress=None
-    shows a bar only on a terminal.
+    Peak memory is two feature windows per tile plus the working set of stages.parallel tiles.
+    progress=None shows a bar only on a terminal.
     """
     from tqdm import tqdm
 
     _, _, h, w = x.shape
     x = stages.prepare(x)
     s = stages.scale
-    boxes = tiles(h, w, tile)
-    span = (max(ys.stop - ys.start for ys, _ in boxes), max(xs.stop - xs.start for _, xs in boxes))
+    rows, cols = cuts(h, tile), cuts(w, tile)
+    boxes = [(ys, xs) for ys in rows for xs in cols]
+    span = (max(ys.stop - ys.start for ys in rows), max(xs.stop - xs.start for xs in cols))
+    windows, inners = zip(*(grow(box, BLOCK_HALO, h, w, span) for box in boxes))
+    rims = [[piece for piece in pieces(window, rows, cols, windows) if piece[0] != i] for i, window in enumerate(windows)]
+    side = (windows[0][0].stop - windows[0][0].start, windows[0][1].stop - windows[0][1].start)  # one shape for all
+    cur, nxt = [stages.features(*side) for _ in boxes], [stages.features(*side) for _ in boxes]
     bar = tqdm(total=len(boxes) * (2 + stages.blocks), unit="tile", leave=False,
                disable=None if progress is None else not progress)
-    cur, nxt = stages.features(h, w), stages.features(h, w)
     pool = ThreadPoolExecutor(stages.parallel) if stages.parallel > 1 else None
 
-    def each(run: Callable[[Box], Any]) -> Iterator[Any]:
-        """run on every box (at most stages.parallel at once); results in box order."""
-        for result in pool.map(run, boxes) if pool else map(run, boxes):
+    def each(run: Callable[[int], Any]) -> Iterator[Any]:
+        """run on every tile (at most stages.parallel at once); results in tile order."""
+        for result in pool.map(run, range(len(boxes))) if pool else map(run, range(len(boxes))):
             bar.update()
             yield result
 
@@ -157,31 +197,37 @@ def run_tiled(stages: Stages, x: np.ndarray, out: np.ndarray, tile: int, progres
                 total += part
         return total
 
-    def head(box: Box) -> np.ndarray:
-        grown, inner = grow(box, 1, h, w, span)
-        cur[:, :, box[0], box[1]], entry = stages.head(x[:, :, grown[0], grown[1]], inner)
-        return entry
+    def filled(maps: list, i: int) -> Any:
+        """Tile i's window of maps, its rim filled from the interiors of the tiles it overlaps."""
+        for j, here, there in rims[i]:
+            maps[i][:, :, here[0], here[1]] = maps[j][:, :, there[0], there[1]]
+        return maps[i]
 
-    def tail(box: Box) -> None:
-        grown, inner = grow(box, TAIL_HALO, h, w, span)
-        sr = stages.tail(x[:, :, grown[0], grown[1]], cur[:, :, grown[0], grown[1]])
+    def head(i: int) -> np.ndarray:
+        window = windows[i]
+        return stages.head(x[:, :, window[0], window[1]], inners[i], cur[i])
+
+    def tail(i: int) -> None:
+        window, inner = grow(boxes[i], TAIL_HALO, h, w, span)
+        trunk = stages.features(window[0].stop - window[0].start, window[1].stop - window[1].start)
+        for j, here, there in pieces(window, rows, cols, windows):
+            trunk[:, :, here[0], here[1]] = cur[j][:, :, there[0], there[1]]
+        sr = stages.tail(x[:, :, window[0], window[1]], trunk)
         iy, ix = scaled(inner, s)
-        ys, xs = scaled(box, s)
-        out[ys, xs] = from_planes(stages.to_numpy(sr[:, :, iy, ix]), out.dtype)
+        ys, xs = scaled(boxes[i], s)
+        write_planes(stages.to_numpy(sr[:, :, iy, ix]), out[ys, xs])
 
     try:
         total = summed(each(head))
         for k in range(stages.blocks):
             pooled = (total / (h * w)).astype(np.float32)[None]
 
-            def block(box: Box) -> np.ndarray | None:
-                grown, inner = grow(box, BLOCK_HALO, h, w, span)
-                nxt[:, :, box[0], box[1]], entry = stages.block(k, cur[:, :, grown[0], grown[1]], pooled, inner)
-                return entry
+            def block(i: int) -> np.ndarray | None:
+                return stages.block(k, filled(cur, i), pooled, inners[i], nxt[i])
 
             total = summed(each(block))
             cur, nxt = nxt, cur
-        nxt = None  # free one map before the reconstruction
+        nxt = None  # free one set of windows before the reconstruction
         for _ in each(tail):
             pass
     finally:

@@ -311,9 +311,9 @@ class Recorded:
     def __init__(self, run: Callable[..., list[np.ndarray]]) -> None:
         self.run, self.calls = run, []
 
-    def __call__(self, *xs: np.ndarray) -> list[np.ndarray]:
+    def __call__(self, *xs: np.ndarray, into: tuple[np.ndarray, ...] = ()) -> list[np.ndarray]:
         self.calls.append(tuple(np.array(x) for x in xs))
-        return self.run(*xs)
+        return self.run(*xs, into=into)
 
 
 def quantize_stages(model: A2N, calibration_crops: list, validation_crops: list, folder: Path, ranges: str = "min-max",

@@ -29,7 +29,7 @@ OV_CAPABILITY = {"fp32": "FP32", "bf16": "BF16", "fp16": "FP16", "int8": "INT8"}
 
 Runner = Callable[["torch.Tensor"], "torch.Tensor"]
 Forward = Callable[..., np.ndarray]  # float32 arrays in the graph's input order -> its first output
-Outputs = Callable[..., list[np.ndarray]]  # the same -> all of its outputs
+Outputs = Callable[..., list[np.ndarray]]  # the same -> its outputs; into=(arrays,): the first ones written there instead
 
 
 class BackendError(A2NError):
@@ -124,7 +124,14 @@ def onnxruntime_outputs(path: Path, precision: str, threads: int) -> Outputs:
     options.enable_cpu_mem_arena = False  # the tiled path keeps 18 sessions: arenas would each hold a tile's peak
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
-    return lambda *xs: session.run(None, dict(zip(names, xs)))
+
+    def run(*xs: np.ndarray, into: tuple[np.ndarray, ...] = ()) -> list[np.ndarray]:
+        ys = session.run(None, dict(zip(names, xs)))
+        for y, target in zip(ys, into):
+            target[...] = y
+        return ys[len(into):]
+
+    return run
 
 
 def onnxruntime_forward(path: Path, precision: str, threads: int) -> Forward:
@@ -171,7 +178,7 @@ class OpenVINOStage:
     def __init__(self, path: Path, threads: int, streams: int = 1, precision: str = "fp32", bf16_ports: frozenset[str] = frozenset()) -> None:
         self.path, self.config = path, {**openvino_config(precision, threads), "NUM_STREAMS": streams}
         self.bf16_ports = bf16_ports
-        self.compiled: dict[tuple, tuple[Any, list]] = {}  # shapes -> (compiled model, idle requests), oldest first
+        self.compiled: dict[tuple, tuple[Any, dict]] = {}  # shapes -> (compiled model, idle requests by len(into)), oldest first
         self.lock = threading.Lock()
 
     def _compile(self, shapes: tuple) -> Any:
@@ -190,21 +197,35 @@ class OpenVINOStage:
             model = steps.build()
         return core.compile_model(model, "CPU", self.config)
 
-    def __call__(self, *xs: np.ndarray) -> list[np.ndarray]:
+    def __call__(self, *xs: np.ndarray, into: tuple[np.ndarray, ...] = ()) -> list[np.ndarray]:
+        """The stage's outputs for inputs xs; the first len(into) are written in place into those arrays (contiguous,
+        of the outputs' shapes) and left out of the list, the rest are copies."""
         shapes = tuple(x.shape for x in xs)
         with self.lock:
             if shapes not in self.compiled:
                 while len(self.compiled) >= self.KEEP_SHAPES:
                     del self.compiled[next(iter(self.compiled))]
-                self.compiled[shapes] = (self._compile(shapes), [])
+                self.compiled[shapes] = (self._compile(shapes), {})
             compiled, idle = self.compiled[shapes]
-            request = idle.pop() if idle else compiled.create_infer_request()
+            kept = idle.setdefault(len(into), [])  # a request given output arrays keeps them: not for calls without
+            request = kept.pop() if kept else compiled.create_infer_request()
         ov = require("openvino")
-        inputs = {i: ov.Tensor(x, x.shape, ov.Type.bf16) if x.dtype == np.uint16 else x for i, x in enumerate(xs)}  # uint16: bf16 bits
-        outputs = request.infer(inputs, share_inputs=True).to_tuple()  # copies: the request is reused
+
+        def tensor(x: np.ndarray) -> Any:  # shares x's memory; uint16: bf16 bits
+            return ov.Tensor(x, x.shape, ov.Type.bf16) if x.dtype == np.uint16 else ov.Tensor(x, shared_memory=True)
+
+        for i, target in enumerate(into):
+            request.set_output_tensor(i, tensor(target))
+        request.infer({i: tensor(x) for i, x in enumerate(xs)}, share_inputs=True)
+        rest = [self._copied(request.get_output_tensor(i), port) for i, port in enumerate(compiled.outputs) if i >= len(into)]
         with self.lock:
-            idle.append(request)
-        return [y.view(np.uint16) if port.get_any_name() in self.bf16_ports else y for port, y in zip(compiled.outputs, outputs)]
+            kept.append(request)
+        return rest
+
+    def _copied(self, tensor: Any, port: Any) -> np.ndarray:
+        """An output of a request (reused later) as a numpy copy; bf16 ports as uint16 bits."""
+        y = tensor.data
+        return (y.view(np.uint16) if port.get_any_name() in self.bf16_ports else y).copy()
 
 
 def _torch_wrapped(forward: Forward) -> Runner:

@@ -10,6 +10,7 @@ near fp32 as the whole INT8 image (tests/test_int8.py).
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -55,16 +56,16 @@ class TorchStages:
 
         return torch.empty(1, self.channels, height, width, device=self.device, dtype=self.dtype, memory_format=torch.channels_last)
 
-    def head(self, x: torch.Tensor, inner: tiling.Box) -> tuple[torch.Tensor, np.ndarray]:
-        fea = self.model.head(x)[:, :, inner[0], inner[1]]
-        return fea, _summed(self.model.blocks[0].entry(fea))
+    def head(self, x: torch.Tensor, inner: tiling.Box, into: torch.Tensor) -> np.ndarray:
+        into.copy_(self.model.head(x))
+        return _summed(self.model.blocks[0].entry(into[:, :, inner[0], inner[1]]))
 
-    def block(self, k: int, part: torch.Tensor, pooled: np.ndarray, inner: tiling.Box) -> tuple[torch.Tensor, np.ndarray | None]:
+    def block(self, k: int, part: torch.Tensor, pooled: np.ndarray, inner: tiling.Box, into: torch.Tensor) -> np.ndarray | None:
         import torch
 
         block = self.model.blocks[k]
-        out = block.mix(part, block.entry(part), torch.from_numpy(pooled).to(self.device, self.dtype))[:, :, inner[0], inner[1]]
-        return out, _summed(self.model.blocks[k + 1].entry(out)) if k + 1 < self.blocks else None
+        into.copy_(block.mix(part, block.entry(part), torch.from_numpy(pooled).to(self.device, self.dtype)))
+        return _summed(self.model.blocks[k + 1].entry(into[:, :, inner[0], inner[1]])) if k + 1 < self.blocks else None
 
     def tail(self, x: torch.Tensor, fea: torch.Tensor) -> torch.Tensor:
         return self.model.tail(x, self.model.head(x), fea)
@@ -114,14 +115,13 @@ class ExportedStages:
                 return OpenVINOStage(path, threads, self.parallel, precision, MAP_PORTS if bf16_maps else frozenset())
         suffix = meta.get("suffix", ".onnx")  # INT8 stages are OpenVINO IR (a2n.backends.quantize)
         self.runs = {name: make(folder / f"{name}{suffix}") for name in stage_names(self.blocks)}
+        self.local = threading.local()
 
     def _send(self, fea: np.ndarray) -> np.ndarray:
-        """A feature window as the runtime takes it: contiguous and channels-last."""
-        return np.ascontiguousarray(fea.transpose(0, 2, 3, 1))
-
-    def _received(self, fea: np.ndarray, inner: tiling.Box) -> np.ndarray:
-        """The inner box of a channels-last feature window from the runtime, as a 1 x C x h x w view."""
-        return fea.transpose(0, 3, 1, 2)[:, :, inner[0], inner[1]]
+        """A window from features() as the runtime takes and writes it: the channels-last array itself, not a copy."""
+        nhwc = fea.transpose(0, 2, 3, 1)
+        assert nhwc.flags.c_contiguous, "feature windows come from features()"
+        return nhwc
 
     def prepare(self, x: np.ndarray) -> np.ndarray:
         return x
@@ -129,19 +129,25 @@ class ExportedStages:
     def features(self, height: int, width: int) -> np.ndarray:
         return np.empty((1, height, width, self.channels), dtype=self.map_dtype).transpose(0, 3, 1, 2)
 
-    def head(self, x: np.ndarray, inner: tiling.Box) -> tuple[np.ndarray, np.ndarray]:
-        fea, summed = self.runs["head"](np.ascontiguousarray(x), *_masks(x.shape, inner))
-        return self._received(fea, inner), summed[0].astype(np.float64)
+    def head(self, x: np.ndarray, inner: tiling.Box, into: np.ndarray) -> np.ndarray:
+        (summed,) = self.runs["head"](np.ascontiguousarray(x), *_masks(x.shape, inner), into=(self._send(into),))
+        return summed[0].astype(np.float64)
 
-    def block(self, k: int, part: np.ndarray, pooled: np.ndarray, inner: tiling.Box) -> tuple[np.ndarray, np.ndarray | None]:
+    def block(self, k: int, part: np.ndarray, pooled: np.ndarray, inner: tiling.Box, into: np.ndarray) -> np.ndarray | None:
+        run = self.runs[f"block{k:02d}"]
         if k + 1 < self.blocks:
-            out, summed = self.runs[f"block{k:02d}"](self._send(part), pooled, *_masks(part.shape, inner))
-            return self._received(out, inner), summed[0].astype(np.float64)
-        (out,) = self.runs[f"block{k:02d}"](self._send(part), pooled)
-        return self._received(out, inner), None
+            (summed,) = run(self._send(part), pooled, *_masks(part.shape, inner), into=(self._send(into),))
+            return summed[0].astype(np.float64)
+        run(self._send(part), pooled, into=(self._send(into),))
+        return None
 
     def tail(self, x: np.ndarray, fea: np.ndarray) -> np.ndarray:
-        return self.runs["tail"](np.ascontiguousarray(x), self._send(fea))[0]
+        h, w = x.shape[2:]
+        sr = getattr(self.local, "sr", None)  # the thread's SR window: the caller uses it before its next tail call
+        if sr is None or sr.shape[2:] != (h * self.scale, w * self.scale):
+            sr = self.local.sr = np.empty((1, 3, h * self.scale, w * self.scale), np.float32)
+        self.runs["tail"](np.ascontiguousarray(x), self._send(fea), into=(sr,))
+        return sr
 
     def to_numpy(self, sr: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(sr)
+        return sr
