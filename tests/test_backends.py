@@ -537,3 +537,34 @@ def test_one_default_everywhere(weights: str, tmp_path: Path, monkeypatch: pytes
     assert np.array_equal(np.asarray(Image.open(BytesIO(response.content)).convert("RGB")), api)
     if choice[1] == "bf16":  # and it really ran at bf16
         assert not np.array_equal(api, a2n.upscale(rgb8, model, backend="torch", precision="fp32"))
+
+
+def test_images_past_the_tiling_size_take_tiles_everywhere(weights: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An image with more pixels than memory.TILED_ABOVE_PIXELS runs in tiles by default even though it fits the
+    memory budget (tiles are faster there); the CLI (twice: the second run may take the express path), the API
+    and the server all do, with the same pixels. The threshold is lowered here so that a small image crosses it."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from a2n.server import create_app
+
+    assert not memory.runs_whole(769, 1024, 2, "torch", max_memory=1000.0) and memory.runs_whole(768, 1024, 2, "torch", max_memory=1000.0)
+    monkeypatch.setattr(memory, "TILED_ABOVE_PIXELS", 40 * 40)
+    runs = []
+    real = tiling.run_tiled
+    monkeypatch.setattr(tiling, "run_tiled", lambda *args, **kw: runs.append((args[1].shape[2:], args[3])) or real(*args, **kw))
+    model = load_model(2, weights=weights)
+    rgb8 = (image(41, 40) * 255).round().astype(np.uint8)  # one row past the lowered threshold
+    io.write_png(tmp_path / "a.png", rgb8)
+    api = a2n.upscale(rgb8, model)
+    runs[:] = [run for run in runs if run[0] == (41, 40)]  # not auto's timing of the tiled path, if it ran
+    assert runs == [((41, 40), tiling.MAX_TILE)]  # the tiled path, with the tile planned for the default budget
+    for run in ("first", "second"):
+        assert main(["upscale", str(tmp_path / "a.png"), "--scale", "2", "--weights", weights, "-o", str(tmp_path / run)]) == 0
+        assert np.array_equal(io.read_rgb8(tmp_path / run / "a_x2.png"), api), run
+    client = TestClient(create_app({2: Path(weights)}, shipped=False))
+    response = client.post("/api/upscale", files={"file": ("a.png", (tmp_path / "a.png").read_bytes(), "image/png")}, data={"scale": "2"})
+    assert response.status_code == 200 and np.array_equal(np.asarray(Image.open(BytesIO(response.content)).convert("RGB")), api)
+    assert runs == [((41, 40), tiling.MAX_TILE)] * 4  # API, both CLI runs, server: all in tiles
+    a2n.upscale(rgb8[:40], model)  # 40 x 40: at the threshold, one forward
+    assert len(runs) == 4

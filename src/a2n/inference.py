@@ -112,7 +112,8 @@ def upscale_array(
     """Super-resolve an HxWx3 RGB array (uint8, uint16 or float in 0..1); returns the same dtype.
 
     tile is the tile side in input pixels; by default it is chosen from max_memory (GiB), and an
-    image that fits is run whole. The result is the same either way (at bf16, as close to fp32).
+    image that fits is run whole unless it is big enough that tiles run faster (memory.runs_whole).
+    The result is the same either way (at bf16, as close to fp32).
     backend and precision pick where it runs (a2n.backends; auto: the fastest choice that costs at
     most 0.02 dB); tiles run at the same precision on that backend (auto: the fastest on tiles).
     ensemble=True (A2N+) runs each of the 8 flips and rotations this way and averages them (self_ensemble): 8x the time.
@@ -126,8 +127,7 @@ def upscale_array(
         return self_ensemble(lambda t: upscale_array(model, t, tile, max_memory, progress, backend, precision), rgb)
     whole, whole_precision = backends.resolve(model, backend, precision)
     available = None if max_memory is not None else available_memory(next(model.parameters()).device)
-    fits = memory.forward_bytes(h, w, model.scale, whole) <= memory.budget_bytes(max_memory, available)
-    if (fits if tile is None else tile >= max(h, w)):
+    if (memory.runs_whole(h, w, model.scale, whole, max_memory, available) if tile is None else tile >= max(h, w)):
         return to_array(backends.get_runner(model, whole, whole_precision)(to_tensor(rgb)), rgb.dtype)
     tiled, precision = backends.resolve_tiled(model, backend, precision)  # auto: the fastest backend on tiles, maybe another
     if tile is None:  # within the budget on the backend the tiles run on

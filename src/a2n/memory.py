@@ -23,6 +23,10 @@ TILE_FACTOR = {"torch": 1.0, "openvino": 2.0, "onnxruntime": 1.35}
 # Tiles the tiled path runs at once: two on OpenVINO and ONNX Runtime, each on half the threads,
 # which is faster than one on all of them (bench/RESULTS.md, Big images).
 TILES_IN_FLIGHT = {"torch": 1, "openvino": 2, "onnxruntime": 2}
+# Inputs of more pixels than this run in tiles even when a whole-image forward fits the budget: the whole forward
+# slows per pixel as images grow and the tiles do not, so from about this size on the tiles are faster
+# (bench/RESULTS.md, Big images).
+TILED_ABOVE_PIXELS = 768 * 1024
 
 
 def available_memory() -> int:
@@ -41,6 +45,11 @@ def budget_bytes(max_memory: float | None, available: int | None = None) -> floa
     if max_memory is not None:
         return max_memory * 2**30
     return MEMORY_SHARE * (available if available is not None else available_memory())
+
+
+def runs_whole(height: int, width: int, scale: int, backend: str, max_memory: float | None, available: int | None = None) -> bool:
+    """Whether an image runs as one forward by default: it fits the budget on backend and is not so big that tiles are faster."""
+    return height * width <= TILED_ABOVE_PIXELS and forward_bytes(height, width, scale, backend) <= budget_bytes(max_memory, available)
 
 
 def tile_bytes_per_out_pixel(backend: str = "torch") -> float:

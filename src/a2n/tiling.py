@@ -71,7 +71,8 @@ class Stages(Protocol):
 
 def plan_tile(height: int, width: int, scale: int, channels: int, max_memory: float | None = None, out_itemsize: int = 1,
               backend: str = "torch", available: int | None = None, whole: bool = True) -> int | None:
-    """Tile side (input pixels) that keeps peak memory under max_memory GiB; None means one whole-image forward.
+    """Tile side (input pixels) that keeps peak memory under max_memory GiB; None means one whole-image forward
+    (memory.runs_whole).
 
     max_memory defaults to half of the memory available now; backend is where the tiles run (they
     differ in memory). Counts the tiled trunk's feature windows (two per tile, each its tile plus the
@@ -81,7 +82,7 @@ def plan_tile(height: int, width: int, scale: int, channels: int, max_memory: fl
     """
     budget = memory.budget_bytes(max_memory, available)
     s2 = scale**2
-    if whole and memory.forward_bytes(height, width, scale, backend) <= budget:
+    if whole and memory.runs_whole(height, width, scale, backend, max_memory, available):
         return None
     per_pixel = memory.tile_bytes_per_out_pixel(backend) * s2
 

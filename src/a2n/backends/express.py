@@ -68,9 +68,9 @@ def express_upscaler(key: str, scale: int, slow_path: Callable[[np.ndarray], np.
                      max_memory: float | None = None) -> Callable[[Picture], Picture] | None:
     """A picture upscaler on the runtime recorded for key, made without importing torch; None when nothing is recorded.
 
-    Images whose whole-image forward would exceed the memory budget take the exact tiled path on
-    the exported stages when the tiled path's backend is recorded as one of the runtimes, and
-    slow_path (the torch model, loaded then) otherwise.
+    Images that do not run whole (memory.runs_whole: over the memory budget, or big enough that tiles
+    run faster) take the exact tiled path on the exported stages when the tiled path's backend is
+    recorded as one of the runtimes, and slow_path (the torch model, loaded then) otherwise.
     """
     entry = read_table(cache_dir() / "express.json").get(key)
     if entry is None or any(file_key(Path(p)) != k for p, k in entry.get("int8_files", {}).items()):
@@ -87,7 +87,7 @@ def express_upscaler(key: str, scale: int, slow_path: Callable[[np.ndarray], np.
 
     def upscale_rgb(rgb: np.ndarray) -> np.ndarray:
         h, w = rgb.shape[:2]
-        if memory.forward_bytes(h, w, scale, entry["backend"]) <= memory.budget_bytes(max_memory):
+        if memory.runs_whole(h, w, scale, entry["backend"], max_memory):
             return pixels.from_planes(run(pixels.to_planes(rgb)), rgb.dtype)
         folder, tiled, tiled_precision = Path(entry.get("stages", "")), entry.get("tiled"), entry.get("tiled_precision")
         if tiled not in ("onnxruntime", "openvino") or tiled_precision is None or not stages_ready(folder):
