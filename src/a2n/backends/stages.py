@@ -96,9 +96,10 @@ class ExportedStages:
     Feature maps are channels-last in memory, as the exported stages take them, and indexed 1 x C x H x W
     here (a transposed view). At bf16 on OpenVINO they are bf16 (uint16 arrays of its bits): the stages
     compute in bf16 and would round them there anyway, and moving half the bytes with no conversions made
-    big images' tiles about 1.2x faster (bench/RESULTS.md, Big images). OpenVINO runs memory.TILES_IN_FLIGHT tiles at once on as many streams
-    (given two threads or more); ONNX Runtime as many on one session, each call on its share of the
-    threads.
+    big images' tiles about 1.2x faster (bench/RESULTS.md, Big images). OpenVINO writes a stage's feature
+    map straight into the window it is given (`into`); ONNX Runtime's is copied there. OpenVINO runs
+    memory.TILES_IN_FLIGHT tiles at once on as many streams (given two threads or more); ONNX Runtime as
+    many on one session, each call on its share of the threads.
     """
 
     def __init__(self, folder: Path, backend: str, threads: int, precision: str = "fp32") -> None:
