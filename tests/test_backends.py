@@ -349,8 +349,9 @@ def test_tiled_stages_run_on_the_backend_and_stay_exact(backend: str) -> None:
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
 def test_exported_stages_run_two_tiles_at_once_with_the_same_output(model: A2N, tmp_path: Path, backend: str) -> None:
     """Given two threads, the exported stages run two tiles at once, each on one thread (OpenVINO: on two
-    streams) from a thread pool in run_tiled; the output is that of one tile at a time: every tile lands in
-    its place and the pooled sums are added in tile order, not in the order the tiles finish."""
+    streams, with up to four calls started from run_tiled's thread; ONNX Runtime: from a pool of two); the output
+    is that of one tile at a time: every tile lands in its place and the pooled sums are added in tile order,
+    not in the order the tiles finish."""
     folder = export_stages(model, tmp_path / "stages")
     x = to_tensor(np.random.default_rng(3).random((37, 29, 3), dtype=np.float32)).numpy()
     outs = []
@@ -359,9 +360,24 @@ def test_exported_stages_run_two_tiles_at_once_with_the_same_output(model: A2N, 
         assert stages.parallel == threads
         if backend == "openvino":
             assert stages.runs["block00"].config["NUM_STREAMS"] == threads
+            block, flight = stages.runs["block03"], {"now": 0, "most": 0}
+            start = block.start
+
+            def counted(*xs, into=()):
+                wait = start(*xs, into=into)
+                flight["now"] += 1
+                flight["most"] = max(flight["most"], flight["now"])
+
+                def waited():
+                    flight["now"] -= 1
+                    return wait()
+                return waited
+            block.start = counted
         out = np.full((74, 58, 3), np.nan, np.float32)
         tiling.run_tiled(stages, x, out, 8)
         outs.append(out)
+        if backend == "openvino":
+            assert flight == {"now": 0, "most": 2 * threads}  # 20 tiles: the next ones queue while two run
     assert not np.isnan(outs[1]).any()
     assert np.abs(outs[0] - outs[1]).max() <= 1e-6
     with torch.inference_mode():
@@ -408,7 +424,7 @@ def test_openvino_stages_compile_per_shape_keep_few_and_share_across_threads(mod
         ref_sum = model.blocks[1].entry(ref[:, :, inner[0], inner[1]]).sum(dim=(0, 2, 3))
     outs = [stages.features(12, 14) for _ in range(8)]
     with ThreadPoolExecutor(4) as pool:
-        sums = list(pool.map(lambda out: stages.block(0, part, pooled, inner, out), outs))
+        sums = list(pool.map(lambda out: stages.block(0, part, pooled, inner, out)(), outs))
     for out, summed in zip(outs, sums):
         assert np.abs(out - ref.numpy()).max() <= 1e-4  # the whole window, written in place
         assert np.allclose(summed, ref_sum.numpy(), rtol=1e-4, atol=1e-3)
@@ -419,7 +435,7 @@ def test_openvino_stages_compile_per_shape_keep_few_and_share_across_threads(mod
     got = block(stages._send(part), pooled, *_masks(part.shape, inner))  # no arrays given: a copy
     assert np.array_equal(outs[0], kept) and np.abs(got[0].transpose(0, 3, 1, 2) - ref.numpy()).max() <= 1e-4
     for side in (9, 10, 11):
-        stages.block(0, stages.features(side, side), pooled, (slice(0, side), slice(0, side)), stages.features(side, side))
+        stages.block(0, stages.features(side, side), pooled, (slice(0, side), slice(0, side)), stages.features(side, side))()
     assert [shapes[0] for shapes in block.compiled] == [(1, 10, 10, 40), (1, 11, 11, 40)][-block.KEEP_SHAPES:]
 
 

@@ -148,9 +148,9 @@ def test_a_stage_sees_one_input_shape_per_image() -> None:
             shapes["block"].add(tuple(part.shape))
             return stages.block(k, part, pooled, inner, into)
 
-        def tail(self, x, fea):
+        def tail(self, x, fea, done):
             shapes["tail"].add(tuple(fea.shape))
-            return stages.tail(x, fea)
+            return stages.tail(x, fea, done)
 
     img = image()
     out = np.empty((2 * H, 2 * W, 3), np.float32)

@@ -15,15 +15,16 @@ interiors of the tiles it overlaps. Only those rims are copied between blocks, n
 
 The stages themselves (head, block, tail) run wherever a `Stages` object puts them: on torch, or
 on ONNX Runtime / OpenVINO from an export (a2n.backends); this module only cuts and stitches.
-Tiles of one pass are independent, so a backend that runs several at once (OpenVINO's streams)
-gets them from a thread pool; sums are still added in tile order, so the result does not depend
+Tiles of one pass are independent: each stage call starts a tile and returns a function that waits
+for it, and a few tiles are kept started, so a backend that runs several at once (OpenVINO's streams)
+has the next queued when one ends. Sums are still added in tile order, so the result does not depend
 on which tile finished first.
 """
 
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
 from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import numpy as np
@@ -32,6 +33,7 @@ from a2n import A2NError, memory
 from a2n.pixels import write_planes
 
 Box = tuple[slice, slice]
+Waiting = Callable[[], Any]  # what a started stage call returns: waits for the call, gives its result
 
 BLOCK_HALO = 2  # an AAB block reaches 2 LR pixels: a 3x3 conv after a 3x3 conv in its attention branch
 TAIL_HALO = 3  # head and trunk_conv (1) + the reconstruction's convs (at most 2 LR pixels at x2, x3, x4)
@@ -46,14 +48,15 @@ class MemoryBudgetError(A2NError):
 class Stages(Protocol):
     """The pieces of an A2N forward that tiling calls, on 1 x C x H x W arrays of one kind (torch or numpy).
 
-    head: (image window in 0..1, inner box, into) -> block 0's entry summed over the inner box, with the
-    shallow features of the window written into `into`; block: (k, feature window, pooled mean 1 x C
-    float32, inner box, into) -> block k+1's entry summed over the inner box (None after the last
-    block), with block k's output on the window written into `into`; sums are per channel, float64.
-    Only the inner box of what a stage writes is used. tail: (image window, trunk features) -> SR
-    window in 0..1 (which a later tail call on the same thread may overwrite); prepare: numpy input planes to the stages' kind; features: an empty feature map
-    (a window); to_numpy: an SR part as float32 numpy planes. parallel: how many tiles the stages run
-    at once, from as many threads.
+    Each starts a tile and returns a function that waits for it (a backend that runs one tile at a time runs
+    it at once) and gives the result. head: (image window in 0..1, inner box, into) -> block 0's entry summed
+    over the inner box, with the shallow features of the window written into `into`; block: (k, feature
+    window, pooled mean 1 x C float32, inner box, into) -> block k+1's entry summed over the inner box (None
+    after the last block), with block k's output on the window written into `into`; sums are per channel,
+    float64. Only the inner box of what a stage writes is used. tail: (image window, trunk features, done)
+    -> None, after calling done with the SR window in 0..1 as float32 numpy planes (valid only in done).
+    prepare: numpy input planes to the stages' kind; features: an empty feature map (a window). parallel:
+    how many tiles the stages run at once. Inputs and `into` must stay as they are until the call is waited for.
     """
 
     scale: int
@@ -63,10 +66,9 @@ class Stages(Protocol):
 
     def prepare(self, x: np.ndarray) -> Any: ...
     def features(self, height: int, width: int) -> Any: ...
-    def head(self, x: Any, inner: Box, into: Any) -> np.ndarray: ...
-    def block(self, k: int, part: Any, pooled: np.ndarray, inner: Box, into: Any) -> np.ndarray | None: ...
-    def tail(self, x: Any, fea: Any) -> Any: ...
-    def to_numpy(self, sr: Any) -> np.ndarray: ...
+    def head(self, x: Any, inner: Box, into: Any) -> Waiting: ...
+    def block(self, k: int, part: Any, pooled: np.ndarray, inner: Box, into: Any) -> Waiting: ...
+    def tail(self, x: Any, fea: Any, done: Callable[[np.ndarray], None]) -> Waiting: ...
 
 
 def plan_tile(height: int, width: int, scale: int, channels: int, max_memory: float | None = None, out_itemsize: int = 1,
@@ -166,7 +168,8 @@ def pieces(window: Box, rows: list[slice], cols: list[slice], windows: list[Box]
 def run_tiled(stages: Stages, x: np.ndarray, out: np.ndarray, tile: int, progress: bool | None = False) -> None:
     """Run the stages on 1x3xHxW float32 planes tile by tile, writing the result into out ((sH)x(sW)x3, any dtype).
 
-    Peak memory is two feature windows per tile plus the working set of stages.parallel tiles.
+    Peak memory is two feature windows per tile plus the working set of stages.parallel tiles (and the inputs
+    and outputs of as many more, started and waiting for a stream).
     progress=None shows a bar only on a terminal.
     """
     from tqdm import tqdm
@@ -183,13 +186,21 @@ def run_tiled(stages: Stages, x: np.ndarray, out: np.ndarray, tile: int, progres
     cur, nxt = [stages.features(*side) for _ in boxes], [stages.features(*side) for _ in boxes]
     bar = tqdm(total=len(boxes) * (2 + stages.blocks), unit="tile", leave=False,
                disable=None if progress is None else not progress)
-    pool = ThreadPoolExecutor(stages.parallel) if stages.parallel > 1 else None
+    started: deque[Waiting] = deque()
 
-    def each(run: Callable[[int], Any]) -> Iterator[Any]:
-        """run on every tile (at most stages.parallel at once); results in tile order."""
-        for result in pool.map(run, range(len(boxes))) if pool else map(run, range(len(boxes))):
-            bar.update()
-            yield result
+    def waited() -> Any:
+        result = started.popleft()()
+        bar.update()
+        return result
+
+    def each(start: Callable[[int], Waiting]) -> Iterator[Any]:
+        """start every tile, keeping up to twice stages.parallel started at once; their results in tile order."""
+        for i in range(len(boxes)):
+            started.append(start(i))
+            if len(started) >= 2 * stages.parallel:
+                yield waited()
+        while started:
+            yield waited()
 
     def summed(parts: Iterable[np.ndarray | None]) -> np.ndarray:
         total = np.zeros(stages.channels, dtype=np.float64)
@@ -204,26 +215,25 @@ def run_tiled(stages: Stages, x: np.ndarray, out: np.ndarray, tile: int, progres
             maps[i][:, :, here[0], here[1]] = maps[j][:, :, there[0], there[1]]
         return maps[i]
 
-    def head(i: int) -> np.ndarray:
+    def head(i: int) -> Waiting:
         window = windows[i]
         return stages.head(x[:, :, window[0], window[1]], inners[i], cur[i])
 
-    def tail(i: int) -> None:
+    def tail(i: int) -> Waiting:
         window, inner = grow(boxes[i], TAIL_HALO, h, w, span)
         trunk = stages.features(window[0].stop - window[0].start, window[1].stop - window[1].start)
         for j, here, there in pieces(window, rows, cols, windows):
             trunk[:, :, here[0], here[1]] = cur[j][:, :, there[0], there[1]]
-        sr = stages.tail(x[:, :, window[0], window[1]], trunk)
         iy, ix = scaled(inner, s)
         ys, xs = scaled(boxes[i], s)
-        write_planes(stages.to_numpy(sr[:, :, iy, ix]), out[ys, xs])
+        return stages.tail(x[:, :, window[0], window[1]], trunk, lambda sr: write_planes(sr[:, :, iy, ix], out[ys, xs]))
 
     try:
         total = summed(each(head))
         for k in range(stages.blocks):
             pooled = (total / (h * w)).astype(np.float32)[None]
 
-            def block(i: int) -> np.ndarray | None:
+            def block(i: int) -> Waiting:
                 return stages.block(k, filled(cur, i), pooled, inners[i], nxt[i])
 
             total = summed(each(block))
@@ -232,6 +242,9 @@ def run_tiled(stages: Stages, x: np.ndarray, out: np.ndarray, tile: int, progres
         for _ in each(tail):
             pass
     finally:
-        if pool:
-            pool.shutdown()
+        while started:  # an error: let the calls still running end before their arrays go
+            try:
+                started.popleft()()
+            except Exception:
+                pass
         bar.close()

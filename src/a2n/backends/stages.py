@@ -10,9 +10,9 @@ near fp32 as the whole INT8 image (tests/test_int8.py).
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -56,22 +56,22 @@ class TorchStages:
 
         return torch.empty(1, self.channels, height, width, device=self.device, dtype=self.dtype, memory_format=torch.channels_last)
 
-    def head(self, x: torch.Tensor, inner: tiling.Box, into: torch.Tensor) -> np.ndarray:
+    def head(self, x: torch.Tensor, inner: tiling.Box, into: torch.Tensor) -> tiling.Waiting:
         into.copy_(self.model.head(x))
-        return _summed(self.model.blocks[0].entry(into[:, :, inner[0], inner[1]]))
+        summed = _summed(self.model.blocks[0].entry(into[:, :, inner[0], inner[1]]))
+        return lambda: summed
 
-    def block(self, k: int, part: torch.Tensor, pooled: np.ndarray, inner: tiling.Box, into: torch.Tensor) -> np.ndarray | None:
+    def block(self, k: int, part: torch.Tensor, pooled: np.ndarray, inner: tiling.Box, into: torch.Tensor) -> tiling.Waiting:
         import torch
 
         block = self.model.blocks[k]
         into.copy_(block.mix(part, block.entry(part), torch.from_numpy(pooled).to(self.device, self.dtype)))
-        return _summed(self.model.blocks[k + 1].entry(into[:, :, inner[0], inner[1]])) if k + 1 < self.blocks else None
+        summed = _summed(self.model.blocks[k + 1].entry(into[:, :, inner[0], inner[1]])) if k + 1 < self.blocks else None
+        return lambda: summed
 
-    def tail(self, x: torch.Tensor, fea: torch.Tensor) -> torch.Tensor:
-        return self.model.tail(x, self.model.head(x), fea)
-
-    def to_numpy(self, sr: torch.Tensor) -> np.ndarray:
-        return sr.detach().float().cpu().numpy()
+    def tail(self, x: torch.Tensor, fea: torch.Tensor, done: Callable[[np.ndarray], None]) -> tiling.Waiting:
+        sr = self.model.tail(x, self.model.head(x), fea).detach().float().cpu().numpy()
+        return lambda: done(sr)
 
 
 def stage_names(blocks: int) -> list[str]:
@@ -98,8 +98,9 @@ class ExportedStages:
     compute in bf16 and would round them there anyway, and moving half the bytes with no conversions made
     big images' tiles about 1.2x faster (bench/RESULTS.md, Big images). OpenVINO writes a stage's feature
     map straight into the window it is given (`into`); ONNX Runtime's is copied there. OpenVINO runs
-    memory.TILES_IN_FLIGHT tiles at once on as many streams (given two threads or more); ONNX Runtime as
-    many on one session, each call on its share of the threads.
+    memory.TILES_IN_FLIGHT tiles at once on as many streams (given two threads or more), started from the
+    caller's thread; ONNX Runtime as many on one session from a pool of as many threads, each call on its share
+    of the threads.
     """
 
     def __init__(self, folder: Path, backend: str, threads: int, precision: str = "fp32") -> None:
@@ -108,15 +109,27 @@ class ExportedStages:
         self.parallel = min(memory.TILES_IN_FLIGHT[backend], threads)
         bf16_maps = backend == "openvino" and precision == "bf16"
         self.map_dtype = np.uint16 if bf16_maps else np.float32
+        self.pool = None
         if backend == "onnxruntime":
             def make(path: Path) -> Outputs:  # a session runs calls from several threads at once, each on its own threads
                 return onnxruntime_outputs(path, precision, threads // self.parallel)
+            self.pool = ThreadPoolExecutor(self.parallel) if self.parallel > 1 else None
         else:
             def make(path: Path) -> Outputs:
                 return OpenVINOStage(path, threads, self.parallel, precision, MAP_PORTS if bf16_maps else frozenset())
         suffix = meta.get("suffix", ".onnx")  # INT8 stages are OpenVINO IR (a2n.backends.quantize)
         self.runs = {name: make(folder / f"{name}{suffix}") for name in stage_names(self.blocks)}
-        self.local = threading.local()
+        self.spare: list[np.ndarray] = []  # SR windows for the tail: one per call in flight
+
+    def _start(self, name: str, *xs: np.ndarray, into: tuple[np.ndarray, ...] = ()) -> Callable[[], list[np.ndarray]]:
+        """Start a stage: on OpenVINO's streams, on the ONNX Runtime pool, or (one thread) run it now."""
+        run = self.runs[name]
+        if isinstance(run, OpenVINOStage):
+            return run.start(*xs, into=into)
+        if self.pool is not None:
+            return self.pool.submit(run, *xs, into=into).result
+        outputs = run(*xs, into=into)
+        return lambda: outputs
 
     def _send(self, fea: np.ndarray) -> np.ndarray:
         """A window from features() as the runtime takes and writes it: the channels-last array itself, not a copy."""
@@ -130,25 +143,36 @@ class ExportedStages:
     def features(self, height: int, width: int) -> np.ndarray:
         return np.empty((1, height, width, self.channels), dtype=self.map_dtype).transpose(0, 3, 1, 2)
 
-    def head(self, x: np.ndarray, inner: tiling.Box, into: np.ndarray) -> np.ndarray:
-        (summed,) = self.runs["head"](np.ascontiguousarray(x), *_masks(x.shape, inner), into=(self._send(into),))
-        return summed[0].astype(np.float64)
+    def head(self, x: np.ndarray, inner: tiling.Box, into: np.ndarray) -> tiling.Waiting:
+        wait = self._start("head", np.ascontiguousarray(x), *_masks(x.shape, inner), into=(self._send(into),))
+        return lambda: wait()[0][0].astype(np.float64)
 
-    def block(self, k: int, part: np.ndarray, pooled: np.ndarray, inner: tiling.Box, into: np.ndarray) -> np.ndarray | None:
-        run = self.runs[f"block{k:02d}"]
+    def block(self, k: int, part: np.ndarray, pooled: np.ndarray, inner: tiling.Box, into: np.ndarray) -> tiling.Waiting:
+        name = f"block{k:02d}"
         if k + 1 < self.blocks:
-            (summed,) = run(self._send(part), pooled, *_masks(part.shape, inner), into=(self._send(into),))
-            return summed[0].astype(np.float64)
-        run(self._send(part), pooled, into=(self._send(into),))
-        return None
+            wait = self._start(name, self._send(part), pooled, *_masks(part.shape, inner), into=(self._send(into),))
+            return lambda: wait()[0][0].astype(np.float64)
+        wait = self._start(name, self._send(part), pooled, into=(self._send(into),))
 
-    def tail(self, x: np.ndarray, fea: np.ndarray) -> np.ndarray:
+        def finish() -> None:  # the last block sums nothing
+            wait()
+
+        return finish
+
+    def tail(self, x: np.ndarray, fea: np.ndarray, done: Callable[[np.ndarray], None]) -> tiling.Waiting:
         h, w = x.shape[2:]
-        sr = getattr(self.local, "sr", None)  # the thread's SR window: the caller uses it before its next tail call
-        if sr is None or sr.shape[2:] != (h * self.scale, w * self.scale):
-            sr = self.local.sr = np.empty((1, 3, h * self.scale, w * self.scale), np.float32)
-        self.runs["tail"](np.ascontiguousarray(x), self._send(fea), into=(sr,))
-        return sr
+        shape = (1, 3, h * self.scale, w * self.scale)
+        try:
+            sr = self.spare.pop()
+        except IndexError:  # none spare (another thread may have taken the last)
+            sr = None
+        if sr is None or sr.shape != shape:
+            sr = np.empty(shape, np.float32)
+        wait = self._start("tail", np.ascontiguousarray(x), self._send(fea), into=(sr,))
 
-    def to_numpy(self, sr: np.ndarray) -> np.ndarray:
-        return sr
+        def finish() -> None:
+            wait()
+            done(sr)
+            self.spare.append(sr)  # the next tail call writes into it again
+
+        return finish
