@@ -10,8 +10,8 @@ near fp32 as the whole INT8 image (tests/test_int8.py).
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
